@@ -1,0 +1,250 @@
+"""`LoTConfig`: every option of the noise-curvature controller, savable and shareable.
+
+The config follows the conventions of `transformers` configs: it is written
+as ``lot_config.json`` by `save_pretrained`, read back by `from_pretrained`
+from a local folder or a Hub repository, and uploaded by `push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils import PushToHubMixin
+
+from .threshold import VOLATILITY_MODES
+
+__all__ = ["LOT_CONFIG_NAME", "LoTConfig", "PRESETS"]
+
+LOT_CONFIG_NAME = "lot_config.json"
+
+WARM_PHASES = ("task_fraction", "run_fraction", "always", "never")
+BOUNDS = ("combined", "noise", "volatility")
+SHARPNESS_SCALES = ("layer", "global")
+NOISE_FALLBACKS = ("split", "none")
+
+
+def _option(default: Any, help: str, **kwargs) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class LoTConfig(PushToHubMixin):
+    """Options of the per-layer noise-curvature learning-rate controller.
+
+    Defaults are the ``paper`` preset: the values of the method's paper
+    (Baveja, Lewandowski and Schmidt, arXiv 2509.19698) where it states them.
+    `PRESETS` lists the alternatives.
+    """
+
+    interval: int = _option(40, "Optimizer steps between two measurements and controller updates (K).")
+    window: int = _option(30, "Number of past normalized-sharpness measurements in the volatility window (W).")
+    gamma: float = _option(0.8, "Safety margin: cool a layer when alpha_l > gamma * threshold.")
+    cool_factor: float = _option(0.99, "Factor applied to a layer's learning rate when it cools (c).")
+    warm_factor: float = _option(1.01, "Factor applied to a layer's learning rate when it warms (u).")
+    warm_ratio: float = _option(0.3, "Warm a layer when alpha_l < warm_ratio * gamma * threshold in the warm phase.")
+    alpha_min: float = _option(0.12, "Never cool a layer whose effective step alpha_l is at or below this value.")
+    warm_phase: str = _option(
+        "task_fraction",
+        "When warming is allowed: 'task_fraction' (first warm_fraction of each training run, that is each "
+        "task), 'run_fraction' (first warm_fraction of the first task only), 'always' or 'never'.",
+        choices=WARM_PHASES,
+    )
+    warm_fraction: float = _option(0.3, "Fraction of the steps used by warm_phase.")
+    bound: str = _option(
+        "combined",
+        "Threshold the controller enforces: 'combined' (alpha_tilde*), 'noise' (alpha_g*) or 'volatility' "
+        "(alpha_vol*).",
+        choices=BOUNDS,
+    )
+    beta: float = _option(1.0, "Weight of curvature volatility in the inflated noise sigma2 + beta |g|^2 Vol.")
+    volatility: str = _option(
+        "window_variance",
+        "Volatility term: 'window_variance' (paper), or the reference code's 'squared_deviation', "
+        "'sharpness' and 'squared_ratio'.",
+        choices=VOLATILITY_MODES,
+    )
+    kappa: float = _option(1.0, "Scale of the volatility bound alpha_vol* = 1 / (kappa Vol).")
+    eps: float = _option(1e-8, "Small constant in Vol = s2 / (mu + eps).")
+    sharpness_scale: str = _option(
+        "layer",
+        "Normalization of sharpness: 'layer' uses each layer's learning rate and second moment, 'global' "
+        "the first group's learning rate and the mean second moment of all parameters (reference code).",
+        choices=SHARPNESS_SCALES,
+    )
+    curvature: bool = _option(True, "Measure per-layer sharpness with Hessian-vector products.")
+    hvp_iterations: int = _option(5, "Maximum power iterations per layer for a warm-started measurement.")
+    hvp_cold_iterations: int = _option(20, "Maximum power iterations per layer for the first, random start.")
+    hvp_tolerance: float = _option(1e-3, "Stop power iteration when the eigenvalue changes by less than this fraction.")
+    hvp_batch_size: int | None = _option(
+        None, "Examples of the last micro-batch used for Hessian-vector products; None uses all of them."
+    )
+    hvp_eval_mode: bool = _option(True, "Disable dropout during Hessian-vector products, so every product sees one loss.")
+    noise_every: int = _option(1, "Collect micro-batch noise statistics every this many optimizer steps.")
+    noise_fallback: str = _option(
+        "split",
+        "With one micro-batch on one process: 'split' runs the micro-batch as two halves on noise steps "
+        "(same gradient, no extra examples), 'none' measures no noise.",
+        choices=NOISE_FALLBACKS,
+    )
+    control: bool = _option(True, "Change learning rates. False measures and logs only.")
+    layer_rules: list = _option(
+        [], "Pairs [regex, layer_name] that override the default layer mapping; the first match wins."
+    )
+    seed: int = _option(0, "Seed of the random start vectors of power iteration.")
+
+    def __post_init__(self):
+        self.layer_rules = [list(rule) for rule in self.layer_rules]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option and its fix."""
+
+        def fail(name: str, value: Any, requirement: str) -> None:
+            raise ValueError(f"Invalid LoT option {name}={value!r}: {requirement}.")
+
+        for name in ("interval", "window", "hvp_iterations", "hvp_cold_iterations", "noise_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, value, "expected an integer of at least 1")
+        for name in ("gamma", "cool_factor", "warm_factor", "warm_ratio", "kappa", "eps", "hvp_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                fail(name, value, "expected a positive number")
+        if not self.cool_factor < 1:
+            fail("cool_factor", self.cool_factor, "expected a value below 1 (cooling lowers the learning rate)")
+        if not self.warm_factor >= 1:
+            fail("warm_factor", self.warm_factor, "expected a value of at least 1 (warming raises the learning rate)")
+        if not 0 <= self.warm_fraction <= 1:
+            fail("warm_fraction", self.warm_fraction, "expected a fraction between 0 and 1")
+        if self.beta < 0:
+            fail("beta", self.beta, "expected a non-negative weight")
+        if self.alpha_min < 0:
+            fail("alpha_min", self.alpha_min, "expected a non-negative effective step")
+        if self.hvp_batch_size is not None and (not isinstance(self.hvp_batch_size, int) or self.hvp_batch_size < 1):
+            fail("hvp_batch_size", self.hvp_batch_size, "expected a positive integer or None")
+        for name, choices in (
+            ("warm_phase", WARM_PHASES),
+            ("bound", BOUNDS),
+            ("volatility", VOLATILITY_MODES),
+            ("sharpness_scale", SHARPNESS_SCALES),
+            ("noise_fallback", NOISE_FALLBACKS),
+        ):
+            if getattr(self, name) not in choices:
+                fail(name, getattr(self, name), f"expected one of {', '.join(choices)}")
+        for rule in self.layer_rules:
+            if len(rule) != 2 or not all(isinstance(part, str) for part in rule):
+                fail("layer_rules", rule, "expected pairs [regex, layer_name] of strings")
+
+        needs_volatility = self.bound == "volatility" or (self.bound == "combined" and self.beta > 0)
+        if needs_volatility and not self.curvature:
+            fail(
+                "curvature",
+                self.curvature,
+                f"bound={self.bound!r} with beta={self.beta} needs curvature; set curvature=True, "
+                "or beta=0 with bound='combined', or bound='noise'",
+            )
+
+    # -- presets ---------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> LoTConfig:
+        """Build the config of preset `name`, with `overrides` applied on top."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown LoT preset {name!r}; expected one of {', '.join(sorted(PRESETS))}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # -- serialization ---------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoTConfig:
+        """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown LoT option(s) {', '.join(unknown)}; valid options are {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``lot_config.json`` into `save_directory`, and upload it when `push_to_hub` is set.
+
+        Extra keyword arguments go to `push_to_hub` (``repo_id``, ``token``,
+        ``private``, ``commit_message``).
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder.")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, LOT_CONFIG_NAME)
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        os.replace(temporary, path)
+
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **overrides,
+    ) -> LoTConfig:
+        """Load a config from a local folder or file, or from a Hub repository id.
+
+        Keyword `overrides` replace loaded values, as in `transformers` configs.
+        """
+        path = os.fspath(pretrained_name_or_path)
+        if os.path.isdir(path):
+            path = os.path.join(path, LOT_CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"No {LOT_CONFIG_NAME} in folder {pretrained_name_or_path!r}.")
+        elif not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(
+                repo_id=path, filename=LOT_CONFIG_NAME, revision=revision, token=token, cache_dir=cache_dir
+            )
+        with open(path, encoding="utf-8") as handle:
+            try:
+                values = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}.") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must contain a JSON object of LoT options.")
+        return cls.from_dict({**values, **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's stated method and table: window variance, beta within [0, 1],
+    # per-layer normalization, warming in the first 30% of each task.
+    "paper": {},
+    # The authors' reference code: beta = 20, the instantaneous squared
+    # deviation as volatility, sharpness normalized by global Adam statistics,
+    # and warming only while the step count is under 10% of one task.
+    "reference": {
+        "beta": 20.0,
+        "volatility": "squared_deviation",
+        "sharpness_scale": "global",
+        "warm_phase": "run_fraction",
+        "warm_fraction": 0.1,
+    },
+    # Measure and log every statistic without touching learning rates.
+    "monitor": {"control": False},
+}
