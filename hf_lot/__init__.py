@@ -1,8 +1,30 @@
-"""hf_lot: keep models trainable during continual fine-tuning."""
+"""hf_lot: keep models trainable during continual fine-tuning.
 
-from .config import LoTConfig, PRESETS
-from .layers import Layer, group_parameters_by_layer
+`LoTTrainer` replaces `transformers.Trainer` and keeps each layer's Adam
+effective step under a per-layer limit derived from gradient noise and
+curvature volatility. `LayerwiseLRScheduler` and `LoTController` bring the
+same control to hand-written Accelerate loops.
+"""
+
+from .args import LoTTrainingArguments
+from .config import PRESETS, LoTConfig
+from .controller import LoTController, layerwise_param_groups
+from .layers import Layer, format_layer_table, group_parameters_by_layer
+from .scheduler import LayerwiseLRScheduler
+from .trainer import LoTTrainer, unwrap_optimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Layer", "LoTConfig", "PRESETS", "group_parameters_by_layer"]
+__all__ = [
+    "Layer",
+    "LayerwiseLRScheduler",
+    "LoTConfig",
+    "LoTController",
+    "LoTTrainer",
+    "LoTTrainingArguments",
+    "PRESETS",
+    "format_layer_table",
+    "group_parameters_by_layer",
+    "layerwise_param_groups",
+    "unwrap_optimizer",
+]
