@@ -10,8 +10,10 @@ from .args import LoTTrainingArguments
 from .config import PRESETS, LoTConfig
 from .controller import LoTController, layerwise_param_groups
 from .layers import Layer, format_layer_table, group_parameters_by_layer
+from .loop import LoTLoop
+from .optim import unwrap_optimizer
 from .scheduler import LayerwiseLRScheduler
-from .trainer import LoTTrainer, unwrap_optimizer
+from .trainer import LoTTrainer
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "LayerwiseLRScheduler",
     "LoTConfig",
     "LoTController",
+    "LoTLoop",
     "LoTTrainer",
     "LoTTrainingArguments",
     "PRESETS",

@@ -496,11 +496,19 @@ def _load_raw_splits(spec: TaskSpec, seed: int) -> tuple[Any, Any | None]:
         options = {key: value for key, value in source.items() if key not in ("builtin", "categories")}
         return build_fortunes_dataset(source["categories"], seed=seed, **options), None
 
-    if spec.source_kind == "files":
-        data_files = {name: paths for name, paths in source["files"].items()}
-        loaded = datasets.load_dataset(source["format"], data_files=data_files)
-    else:
-        loaded = datasets.load_dataset(source["hub"], source.get("config"), revision=source.get("revision"))
+    try:
+        if spec.source_kind == "files":
+            data_files = {name: paths for name, paths in source["files"].items()}
+            loaded = datasets.load_dataset(source["format"], data_files=data_files)
+        else:
+            loaded = datasets.load_dataset(source["hub"], source.get("config"), revision=source.get("revision"))
+    except (ValueError, OSError) as error:
+        # datasets raises ValueError for files without rows ("corresponds to no data") and
+        # OSError subclasses for unreadable files or an unreachable Hub.
+        raise ConfigError(
+            f"Task {spec.name!r}: loading the {spec.source_kind} source failed: {error}. Check that the source "
+            "exists and contains examples."
+        ) from error
 
     for name in [split] + ([spec.eval_split] if spec.eval_split else []):
         if name not in loaded:

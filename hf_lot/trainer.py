@@ -33,21 +33,15 @@ from transformers.utils import logging
 
 from .config import LoTConfig
 from .controller import LoTController, _require_adam_state, layer_param_group_indices, layerwise_param_groups
-from .curvature import curvature_context, top_block_eigenvalues
 from .layers import format_layer_table, group_parameters_by_layer
+from .loop import measure_layer_sharpness, record_step_noise
 from .noise import MicroBatchNoiseCollector, squared_norms_of_gradients
+from .optim import unwrap_optimizer
 from .scheduler import LayerwiseLRScheduler
 
 __all__ = ["LoTTrainer", "unwrap_optimizer"]
 
 logger = logging.get_logger(__name__)
-
-
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Return the torch optimizer inside Accelerate's `AcceleratedOptimizer` wrapper, if any."""
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _count_items(inputs: dict[str, Any], shifts_labels: bool) -> int:
@@ -366,13 +360,7 @@ class LoTTrainer(Trainer):
             return
 
         if self._lot_collecting:
-            sums = self._lot_collector.local_sums()
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
-            measurement = self._lot_collector.finish_step(sums, squared_norms)
-            if measurement is not None:
-                controller.record_noise(measurement)
-            else:
+            if not record_step_noise(self.accelerator, self._lot_collector, controller, squared_norms):
                 self._warn_once(
                     "no-noise",
                     "Gradient noise needs two or more micro-batches per optimizer step; set "
@@ -395,27 +383,14 @@ class LoTTrainer(Trainer):
     def _measure_sharpness(self, model, inputs) -> list[float]:
         """Return each layer's top Hessian-block eigenvalue on this micro-batch, averaged over ranks."""
         config = self.lot_config
-        controller = self.lot_controller
         unwrapped = self.accelerator.unwrap_model(model)
         inputs = self._prepare_inputs(dict(inputs))
         batch_size = _batch_size(inputs)
         if config.hvp_batch_size is not None and batch_size > config.hvp_batch_size:
             inputs = _slice_batch(inputs, 0, config.hvp_batch_size, batch_size)
 
-        cold = any(vector is None for vector in controller.eigenvectors)
-        iterations = config.hvp_cold_iterations if cold else config.hvp_iterations
-        with curvature_context(unwrapped, eval_mode=config.hvp_eval_mode):
-            loss = super().compute_loss(unwrapped, inputs)
-            results = top_block_eigenvalues(
-                loss,
-                [layer.parameters for layer in self.lot_layers],
-                controller.eigenvectors,
-                max_iterations=iterations,
-                tolerance=config.hvp_tolerance,
-                generator=self._lot_generator,
-            )
-        controller.eigenvectors = [result.eigenvector for result in results]
-        sharpness = torch.tensor([result.eigenvalue for result in results], dtype=torch.float64)
-        if self.accelerator.num_processes > 1:
-            sharpness = self.accelerator.reduce(sharpness.to(self.args.device), reduction="mean").cpu()
-        return sharpness.tolist()
+        def loss_fn(module: nn.Module) -> torch.Tensor:
+            # self.compute_loss, so that a subclass's regularizer is part of the curvature.
+            return self.compute_loss(module, inputs)
+
+        return measure_layer_sharpness(self.accelerator, unwrapped, loss_fn, self.lot_controller, self._lot_generator)
