@@ -163,15 +163,17 @@ def curvature_context(model: nn.Module, eval_mode: bool = True) -> Iterator[None
     The fused scaled-dot-product attention kernels have no second derivative
     (torch 2.13), so the math kernel is forced. With ``eval_mode`` dropout is
     off, which keeps the loss identical across the products of one power
-    iteration. Gradient checkpointing would recompute without the graph that
+    iteration. Activation checkpointing would recompute without the graph that
     double backward needs, so it is switched off for the duration.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     was_training = model.training
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
-    if checkpointing:
-        model.gradient_checkpointing_disable()
+    # transformers marks checkpointed modules with a `gradient_checkpointing` flag;
+    # clearing it keeps the settings (such as every_n_layers) that re-enabling would lose.
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in checkpointed:
+        module.gradient_checkpointing = False
     if eval_mode:
         model.eval()
     try:
@@ -179,5 +181,5 @@ def curvature_context(model: nn.Module, eval_mode: bool = True) -> Iterator[None
             yield
     finally:
         model.train(was_training)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
+        for module in checkpointed:
+            module.gradient_checkpointing = True

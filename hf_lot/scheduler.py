@@ -69,7 +69,13 @@ class LayerwiseLRScheduler(LRScheduler):
         self.base_group_lrs = [group["lr"] for group in optimizer.param_groups]
         self.optimizer_steps = 0
         self._advanced_at = 0
+        # A scheduler built for the next task on the same optimizer replaces this one's
+        # hook, so hooks do not pile up over a long sequence of tasks.
+        previous = getattr(optimizer, "_hf_lot_step_hook", None)
+        if previous is not None:
+            previous.remove()
         self._hook = optimizer.register_step_post_hook(self._count_optimizer_step)
+        optimizer._hf_lot_step_hook = self._hook
         super().__init__(optimizer, last_epoch)
 
     @staticmethod
@@ -163,11 +169,3 @@ class LayerwiseLRScheduler(LRScheduler):
         """Remove the optimizer hook, for a scheduler that is replaced while its optimizer lives on."""
         self._hook.remove()
 
-
-def constant_base(step: int) -> float:
-    return 1.0
-
-
-def base_from_lambda_scheduler(scheduler: LambdaLR) -> Callable[[int], float]:
-    """Return the multiplier function of a single-function `LambdaLR`."""
-    return scheduler.lr_lambdas[0]
