@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,13 @@ class LoTConfig(PushToHubMixin):
     seed: int = _option(0, "Seed of the random start vectors of power iteration.")
 
     def __post_init__(self):
+        if not isinstance(self.layer_rules, (list, tuple)) or not all(
+            isinstance(rule, (list, tuple)) for rule in self.layer_rules
+        ):
+            raise ValueError(
+                f"Invalid LoT option layer_rules={self.layer_rules!r}: expected a list of [regex, layer_name] pairs, "
+                "for example [['encoder\\.layer\\.(\\d+)\\.', 'block.\\1']]."
+            )
         self.layer_rules = [list(rule) for rule in self.layer_rules]
         self.validate()
 
@@ -114,18 +122,18 @@ class LoTConfig(PushToHubMixin):
                 fail(name, value, "expected an integer of at least 1")
         for name in ("gamma", "cool_factor", "warm_factor", "warm_ratio", "kappa", "eps", "hvp_tolerance"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                fail(name, value, "expected a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                fail(name, value, "expected a finite positive number")
         if not self.cool_factor < 1:
             fail("cool_factor", self.cool_factor, "expected a value below 1 (cooling lowers the learning rate)")
         if not self.warm_factor >= 1:
             fail("warm_factor", self.warm_factor, "expected a value of at least 1 (warming raises the learning rate)")
-        if not 0 <= self.warm_fraction <= 1:
+        if not self.warm_fraction <= 1:
             fail("warm_fraction", self.warm_fraction, "expected a fraction between 0 and 1")
-        if self.beta < 0:
-            fail("beta", self.beta, "expected a non-negative weight")
-        if self.alpha_min < 0:
-            fail("alpha_min", self.alpha_min, "expected a non-negative effective step")
+        for name in ("beta", "alpha_min", "warm_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                fail(name, value, "expected a finite non-negative number")
         if self.hvp_batch_size is not None and (not isinstance(self.hvp_batch_size, int) or self.hvp_batch_size < 1):
             fail("hvp_batch_size", self.hvp_batch_size, "expected a positive integer or None")
         for name, choices in (

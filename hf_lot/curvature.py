@@ -69,7 +69,8 @@ def power_iteration(
         initial: Start vector, for example the previous eigenvector.
         max_iterations: Maximum number of products with ``A``.
         tolerance: Stop when the Rayleigh quotient changes by less than this
-            fraction of its magnitude between two iterations.
+            fraction of its magnitude between two iterations and the residual
+            ``|A v - lambda v|`` is below ``sqrt(tolerance) |lambda|``.
 
     Returns:
         The Rayleigh quotient of the last iterate, the normalized eigenvector,
@@ -89,7 +90,12 @@ def power_iteration(
             # The block is zero on this vector, for example a layer without a path to the loss.
             return PowerIterationResult(0.0, vector, iteration, True)
 
-        converged = abs(new_eigenvalue - eigenvalue) <= tolerance * abs(new_eigenvalue)
+        # The Rayleigh quotient can stall without converging (two dominant eigenvalues
+        # +l and -l), so the residual |Av - lambda v| must be small as well.
+        residual_vector = [p - new_eigenvalue * v for p, v in zip(product, vector)]
+        residual = float(_dot(residual_vector, residual_vector).sqrt())
+        stalled = abs(new_eigenvalue - eigenvalue) <= tolerance * abs(new_eigenvalue)
+        converged = stalled and residual <= math.sqrt(tolerance) * abs(new_eigenvalue)
         eigenvalue = new_eigenvalue
         vector = [p / product_norm for p in product]
         if converged:

@@ -8,11 +8,12 @@ curvature statistics. `group_parameters_by_layer` chooses layers as follows:
    the layer named by expanding ``layer_name`` with the match, so
    ``(r"encoder\\.layer\\.(\\d+)\\.", r"block.\\1")`` puts each BERT block in
    its own layer ``block.N``.
-2. Transformer models: the longest ``nn.ModuleList`` whose children all have
-   the same class and own parameters is taken as the list of blocks, wherever
-   it sits (``bert.encoder.layer``, ``model.layers``, ``transformer.h``). Each
-   block is one layer named by its module path. Parameters registered before
-   the first block form the layer ``embeddings`` and the others ``head``.
+2. Transformer models: every ``nn.ModuleList`` of blocks (see
+   `find_block_lists`) wherever it sits (``bert.encoder.layer``,
+   ``model.layers``, ``transformer.h``, and both stacks of an encoder-decoder)
+   contributes one layer per block, named by its module path. Parameters
+   registered before the first block form the layer ``embeddings`` and all
+   other parameters outside blocks form ``head``.
 3. Other models (plain MLPs, CNNs): each module that directly owns parameters
    is one layer named by its module path, so every ``nn.Linear`` is a layer
    with its weight and bias.
@@ -28,10 +29,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-__all__ = ["Layer", "find_block_list", "format_layer_table", "group_parameters_by_layer"]
+__all__ = ["Layer", "find_block_list", "find_block_lists", "format_layer_table", "group_parameters_by_layer"]
 
 
 @dataclass
@@ -52,24 +52,41 @@ class Layer:
         return [p for p in self.parameters if p.ndim >= 2]
 
 
-def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """Return ``(path, module_list)`` of the transformer block list, or None.
+# Attribute names under which transformers models keep their block lists. A list
+# with one of these names counts even when it holds a single block.
+BLOCK_LIST_NAMES = frozenset({"layer", "layers", "h", "blocks", "block"})
 
-    The block list is the longest ``nn.ModuleList`` of at least two children of
-    one class that own parameters. Ties go to the list registered first.
+
+def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Return ``(path, module_list)`` for every list of transformer blocks, in registration order.
+
+    A block list is an ``nn.ModuleList`` whose children share one class and own
+    parameters, with at least two children or a conventional name
+    (`BLOCK_LIST_NAMES`). Lists inside a block list (for example the experts of
+    a mixture-of-experts block) are part of their block, not lists of their own.
+    Encoder-decoder models have two block lists.
     """
-    best: tuple[str, nn.ModuleList] | None = None
+    found: list[tuple[str, nn.ModuleList]] = []
     for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        child_types = {type(child) for child in module}
-        if len(child_types) != 1:
+        if any(path.startswith(f"{outer}.") for outer, _ in found if outer):
+            continue
+        attribute = path.rsplit(".", 1)[-1]
+        if len(module) < 2 and attribute not in BLOCK_LIST_NAMES:
+            continue
+        if len({type(child) for child in module}) != 1:
             continue
         if not any(True for _ in module[0].parameters()):
             continue
-        if best is None or len(module) > len(best[1]):
-            best = (path, module)
-    return best
+        found.append((path, module))
+    return found
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """Return the first block list of `find_block_lists`, or None."""
+    lists = find_block_lists(model)
+    return lists[0] if lists else None
 
 
 def _compile_rules(rules: Sequence[tuple[str, str]] | None) -> list[tuple[re.Pattern, str]]:
@@ -91,12 +108,12 @@ def _compile_rules(rules: Sequence[tuple[str, str]] | None) -> list[tuple[re.Pat
 def _default_layer_names(model: nn.Module) -> dict[str, str]:
     """Map each parameter name to its default layer name."""
     names: dict[str, str] = {}
-    blocks = find_block_list(model)
-
-    if blocks is not None:
-        block_path, block_list = blocks
+    block_prefixes = []
+    for block_path, block_list in find_block_lists(model):
         prefix = f"{block_path}." if block_path else ""
-        block_prefixes = [f"{prefix}{index}." for index in range(len(block_list))]
+        block_prefixes.extend(f"{prefix}{index}." for index in range(len(block_list)))
+
+    if block_prefixes:
         seen_block = False
         for name, _ in model.named_parameters():
             for block_prefix in block_prefixes:
@@ -171,19 +188,3 @@ def format_layer_table(layers: Sequence[Layer]) -> str:
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
-
-
-def parameters_to_layer_index(layers: Sequence[Layer]) -> dict[int, int]:
-    """Map ``id(parameter)`` to the index of its layer."""
-    return {id(parameter): index for index, layer in enumerate(layers) for parameter in layer.parameters}
-
-
-def layer_squared_norms(layers: Sequence[Layer], tensors_by_parameter: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Sum the squared norms of per-parameter tensors into one fp32 value per layer."""
-    result = torch.zeros(len(layers), dtype=torch.float32)
-    for index, layer in enumerate(layers):
-        for parameter in layer.parameters:
-            tensor = tensors_by_parameter.get(id(parameter))
-            if tensor is not None:
-                result[index] += tensor.detach().float().pow(2).sum().cpu()
-    return result

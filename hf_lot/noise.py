@@ -44,9 +44,16 @@ __all__ = [
     "NoiseMeasurement",
     "noise_bound",
     "sample_variance",
+    "squared_norm",
     "squared_norms_of_gradients",
     "variance_from_micro_batches",
 ]
+
+
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``|tensor|^2`` accumulated in at least fp32 (fp64 stays fp64)."""
+    accumulate = torch.promote_types(tensor.dtype, torch.float32)
+    return torch.linalg.vector_norm(tensor.detach(), dtype=accumulate).pow(2).float()
 
 
 def variance_from_micro_batches(
@@ -159,7 +166,7 @@ class MicroBatchNoiseCollector:
     def _make_hook(self, layer_index: int):
         def hook(grad: torch.Tensor) -> None:
             if self._open:
-                squared = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).pow(2)
+                squared = squared_norm(grad)
                 self._current[layer_index] += squared.to(self._current.device)
             return None
 
@@ -253,5 +260,5 @@ def squared_norms_of_gradients(layers: Sequence[Layer], scale: float = 1.0) -> t
     for index, layer in enumerate(layers):
         for parameter in layer.parameters:
             if parameter.grad is not None:
-                result[index] += torch.linalg.vector_norm(parameter.grad.detach(), dtype=torch.float32).pow(2)
+                result[index] += squared_norm(parameter.grad)
     return result.cpu() / scale**2

@@ -66,6 +66,8 @@ def window_statistics(values: Sequence[float], mode: str = "window_variance") ->
     """
     if len(values) == 0:
         raise ValueError("window_statistics needs at least one value.")
+    if mode not in VOLATILITY_MODES:
+        raise ValueError(f"Unknown volatility mode {mode!r}; expected one of {', '.join(VOLATILITY_MODES)}.")
     window = torch.tensor(list(values), dtype=torch.float64)
     mu = float(window.mean())
     if mode == "window_variance":
@@ -79,13 +81,13 @@ def volatility(latest: float, mu: float, s2: float, mode: str = "window_variance
     """Return the curvature-volatility term of one layer.
 
     Modes:
-        ``window_variance``: ``s2 / (mu + eps)`` with the window variance
-            (the paper's definition).
-        ``squared_deviation``: ``(lambda_bar - mu)^2 / (mu + eps)`` (the
+        ``window_variance``: ``s2 / (|mu| + eps)`` with the window variance
+            (the paper's definition, which assumes ``mu > 0``).
+        ``squared_deviation``: ``(lambda_bar - mu)^2 / (|mu| + eps)`` (the
             reference code's CReLU runs).
         ``sharpness``: ``lambda_bar`` itself (the reference code's L2 runs).
-        ``squared_ratio``: ``(lambda_bar^2 / mu)^2`` (the reference code's
-            Wasserstein runs).
+        ``squared_ratio``: ``(lambda_bar^2 / (|mu| + eps))^2`` (the reference
+            code's Wasserstein runs).
     """
     if mode in ("window_variance", "squared_deviation"):
         return s2 / (abs(mu) + eps)
