@@ -305,12 +305,15 @@ class LoTController:
             action = controller_action(
                 float(alpha[index]), float(bound[index]), config.gamma, config.alpha_min, config.warm_ratio, warm
             )
+            old_factor = self.factors[index]
             if config.control and action is ControllerAction.COOL:
                 self.factors[index] *= config.cool_factor
             elif config.control and action is ControllerAction.WARM:
                 self.factors[index] *= config.warm_factor
+            # The rate from this step on: LayerwiseLRScheduler sets base * factor.
+            current_lr = optimizer.param_groups[indices[index][0]]["lr"]
             layers_record[name] = {
-                "lr": optimizer.param_groups[indices[index][0]]["lr"],
+                "lr": current_lr * self.factors[index] / old_factor,
                 "factor": self.factors[index],
                 "alpha": float(alpha[index]),
                 "alpha_noise": float(alpha_noise[index]),

@@ -154,6 +154,13 @@ class LayerwiseLRScheduler(LRScheduler):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict["base_group_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"Saved scheduler state has {len(state_dict['base_group_lrs'])} parameter groups, but the optimizer "
+                f"has {len(self.optimizer.param_groups)}; resume with the same model and layer_rules."
+            )
+        # The controller checks its layer names first, so a rejected state changes nothing here.
+        self.controller.load_state_dict(state_dict["controller"])
         self.last_epoch = state_dict["last_epoch"]
         self.base_lrs = list(state_dict["base_lrs"])
         self.base_group_lrs = list(state_dict["base_group_lrs"])
@@ -162,7 +169,6 @@ class LayerwiseLRScheduler(LRScheduler):
         self._last_lr = list(state_dict["last_lr"])
         if self.base_scheduler is not None and state_dict["base_scheduler"] is not None:
             self.base_scheduler.load_state_dict(state_dict["base_scheduler"])
-        self.controller.load_state_dict(state_dict["controller"])
         self.apply_factors()
 
     def close(self) -> None:
