@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ def task_accuracy(metric: Any, logits: Any, labels: Any, num_classes: int) -> fl
         )
     if not 1 <= num_classes <= logits.shape[1]:
         raise ValueError(
-            f"num_classes={num_classes} does not fit a head with {logits.shape[1]} outputs; pass the task's number "
+            f"num_classes={num_classes} does not fit a head with {logits.shape[1]} outputs. Pass the task's number "
             "of classes."
         )
     predictions = logits[:, :num_classes].argmax(axis=-1)
@@ -160,19 +160,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
-    )
+    # A plain open() gives the file the usual permissions under the umask, unlike tempfile's 0600.
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with handle:
+        with open(temporary, "x", encoding="utf-8") as handle:
             json.dump(to_json_safe(data), handle, indent=2, allow_nan=False)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
 
 
@@ -184,7 +183,7 @@ class LearningRateRecorder(TrainerCallback):
 
     Each record is ``(step, task, {layer_name: lr})``, where ``step`` counts
     optimizer steps across all tasks. A layer's learning rate is that of the
-    parameter group holding its first parameter, so the recorder works for
+    parameter group that contains its first parameter, so the recorder works for
     the plain `Trainer` (one rate for every layer) and for per-layer groups.
     """
 
@@ -210,7 +209,7 @@ class LearningRateRecorder(TrainerCallback):
 
 
 class ContinualResults:
-    """Everything a continual run reports, filled in task by task.
+    """Measurements of a continual run, filled in task by task.
 
     Args:
         config: The resolved experiment config, stored as given.
@@ -249,7 +248,7 @@ class ContinualResults:
         return [task["name"] for task in self.tasks]
 
     def record_training(self, task_index: int, summary: dict[str, Any]) -> None:
-        """Store the train summary of a task; ``summary["steps"]`` extends the task boundaries."""
+        """Store the train summary of a task and extend the task boundaries by ``summary["steps"]``."""
         self.train[task_index] = dict(summary)
         previous = self.task_boundaries[-1] if self.task_boundaries else 0
         self.task_boundaries.append(previous + int(summary["steps"]))
@@ -295,7 +294,7 @@ class ContinualResults:
         }
 
     def save(self, output_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:
-        """Write ``results.json`` (atomically) and, with `plots`, the two PNG plots; return their paths."""
+        """Write ``results.json`` atomically and, with `plots`, the two PNG plots. Return their paths."""
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         data = self.to_dict()
@@ -354,15 +353,17 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
     figure.colorbar(image, ax=heatmap, fraction=0.046, pad=0.04)
 
     positions = np.arange(num_tasks)
-    for j, name in enumerate(names):
+    for j, task in enumerate(results["tasks"]):
         values = matrix[:, j]
         mask = ~np.isnan(values)
-        if mask.any():
-            curves.plot(positions[mask], values[mask], marker="o", label=name)
-    for j, task in enumerate(results["tasks"]):
+        if not mask.any():
+            continue
+        (line,) = curves.plot(positions[mask], values[mask], marker="o", label=task["name"])
         chance = task.get("chance_accuracy")
-        if chance is not None and j == 0:
-            curves.axhline(chance, color="gray", linestyle=":", linewidth=1, label="chance (first task)")
+        if chance is not None:
+            # A dotted line in the task's color marks its chance accuracy, 1 / number of classes.
+            curves.hlines(chance, positions[mask][0], max(positions[mask][-1], positions[mask][0] + 0.2),
+                          colors=line.get_color(), linestyles=":", linewidth=1)
     averages = [np.nan if value is None else value for value in results.get("average_accuracy", [])]
     if averages and not np.all(np.isnan(averages)):
         curves.plot(positions, averages, color="black", linestyle="--", label="average")
@@ -370,8 +371,9 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
     curves.set_xlabel("after training task")
     curves.set_ylabel("accuracy")
     curves.set_ylim(0.0, 1.02)
-    curves.set_title("accuracy of each task over the run")
-    curves.legend(fontsize=7, loc="lower left")
+    curves.set_title("accuracy of each task (dotted: chance)")
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.suptitle(f"threshold {'on' if results.get('threshold') else 'off'}")
     figure.tight_layout()
     _save_figure(figure, path)
@@ -385,22 +387,24 @@ def plot_learning_rates(results: dict[str, Any], path: str) -> None:
     steps = np.asarray(trajectories["step"], dtype=float)
 
     figure, axis = plt.subplots(figsize=(9, 4.5))
-    positive = True
+    low, high = math.inf, -math.inf
     plotted = False
     for name, values in trajectories["layers"].items():
         values = np.array([np.nan if value is None else value for value in values], dtype=float)
         if values.size and not np.all(np.isnan(values)):
-            axis.plot(steps, values, label=name, linewidth=1.2)
+            # The learning rate is constant between optimizer steps, so draw steps, not slopes.
+            axis.plot(steps, values, label=name, linewidth=1.2, drawstyle="steps-post")
             plotted = True
-            positive = positive and bool(np.nanmin(values) > 0)
-    if plotted and positive:
+            low, high = min(low, float(np.nanmin(values))), max(high, float(np.nanmax(values)))
+    if plotted and low > 0 and high / low > 10:
         axis.set_yscale("log")
 
     start = 0
     names = [task["name"] for task in results["tasks"]]
     for index, boundary in enumerate(results.get("task_boundaries", [])):
         axis.axvline(boundary, color="gray", linestyle="--", linewidth=0.8)
-        axis.text((start + boundary) / 2, 1.01, names[index], transform=axis.get_xaxis_transform(), ha="center", fontsize=8)
+        label = names[index] if len(names[index]) <= 16 else names[index][:15] + "…"
+        axis.text((start + boundary) / 2, 1.01, label, transform=axis.get_xaxis_transform(), ha="center", fontsize=8)
         start = boundary
     if not plotted:
         axis.text(0.5, 0.5, "no learning rates recorded yet", transform=axis.transAxes, ha="center")

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
+import math
 import os
 import random
 import re
@@ -63,7 +66,7 @@ DEFAULT_EVAL_FRACTION = 0.2
 
 
 class ConfigError(ValueError):
-    """An invalid experiment config or task; the message names the value and the fix."""
+    """Invalid experiment config or task. The message names the value and the fix."""
 
 
 # -- YAML ----------------------------------------------------------------
@@ -137,7 +140,7 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, values: Any, where: str = "task") -> TaskSpec:
-        """Build and validate a task from its config entry; `where` prefixes error messages."""
+        """Build and validate a task from its config entry. Error messages start with `where`."""
         if not isinstance(values, dict):
             _fail(where, values, "expected a mapping of task fields", "Write the task as `name: ..., source: ...`.")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -168,7 +171,7 @@ class TaskSpec:
                 f"{where}.name",
                 self.name,
                 "expected letters, digits, '_', '-' or '.' only",
-                "The name is used in file names; rename the task.",
+                "Rename the task, because its name is used in file names.",
             )
         self._validate_source(f"{where}.source")
 
@@ -264,7 +267,7 @@ class TaskSpec:
                         f"{where}.files.{split}",
                         path,
                         "file not found",
-                        f"Check the path; relative paths are resolved from the working directory {os.getcwd()}.",
+                        f"Check the path. Relative paths are resolved from the working directory {os.getcwd()}.",
                     )
         split = source.get("split", "train")
         if split not in files:
@@ -281,7 +284,7 @@ class TaskSpec:
             _fail(
                 f"{where}.builtin",
                 source["builtin"],
-                f"unknown built-in source; expected one of {', '.join(BUILTIN_SOURCES)}",
+                f"unknown built-in source, expected one of {', '.join(BUILTIN_SOURCES)}",
                 "Use builtin: fortunes, or load your data with files or hub.",
             )
         categories = source.get("categories")
@@ -390,7 +393,7 @@ class TaskSpec:
 
     @property
     def resolved_eval_fraction(self) -> float | None:
-        """Fraction of the train split held out for evaluation; None when `eval_split` is set."""
+        """Fraction of the train split held out for evaluation, or None when `eval_split` is set."""
         if self.eval_split is not None:
             return None
         return DEFAULT_EVAL_FRACTION if self.eval_fraction is None else float(self.eval_fraction)
@@ -513,7 +516,7 @@ def _load_raw_splits(spec: TaskSpec, seed: int) -> tuple[Any, Any | None]:
     for name in [split] + ([spec.eval_split] if spec.eval_split else []):
         if name not in loaded:
             raise ConfigError(
-                f"Task {spec.name!r}: split {name!r} not found; the source has {', '.join(loaded)}. "
+                f"Task {spec.name!r}: split {name!r} not found. The source has {', '.join(loaded)}. "
                 "Set source.split or eval_split to one of them."
             )
     return loaded[split], (loaded[spec.eval_split] if spec.eval_split else None)
@@ -523,7 +526,7 @@ def _check_columns(spec: TaskSpec, dataset: Any, split_name: str) -> None:
     for column in [*spec.text_columns, spec.label_column]:
         if column not in dataset.column_names:
             raise ConfigError(
-                f"Task {spec.name!r}: column {column!r} not found in the {split_name} split; its columns are "
+                f"Task {spec.name!r}: column {column!r} not found in the {split_name} split, whose columns are "
                 f"{', '.join(dataset.column_names)}. Set text_columns and label_column to existing columns."
             )
 
@@ -541,7 +544,7 @@ def _label_encoding(spec: TaskSpec, train: Any, eval_dataset: Any | None) -> tup
     if spec.label_mapping is not None:
         mapping = dict(spec.label_mapping)
         if isinstance(feature, datasets.ClassLabel):
-            # Keys may be written as class names; map them through the ClassLabel ids.
+            # Keys may be written as class names, so map them to the ClassLabel ids.
             mapping = {
                 (feature.str2int(key) if isinstance(key, str) and key in feature.names else key): value
                 for key, value in mapping.items()
@@ -646,13 +649,22 @@ def _hold_out(spec: TaskSpec, train: Any, seed: int) -> tuple[Any, Any]:
     fraction = spec.resolved_eval_fraction
     if len(train) < 2:
         raise ConfigError(
-            f"Task {spec.name!r}: the train split has {len(train)} example, too few to hold out "
+            f"Task {spec.name!r}: the train split has {len(train)} example(s), too few to hold out "
             f"eval_fraction={fraction}. Add data or set eval_split."
         )
     counts: dict[int, int] = {}
     for label in train["label"]:
         counts[label] = counts.get(label, 0) + 1
-    stratify = min(counts.values()) >= 2 and len(counts) > 1
+    # datasets' stratified split needs two examples per class and at least one per class on each side.
+    num_eval = math.ceil(fraction * len(train))
+    stratify = (
+        len(counts) > 1
+        and min(counts.values()) >= 2
+        and num_eval >= len(counts)
+        and len(train) - num_eval >= len(counts)
+    )
+    if not stratify:
+        logger.info("Task %r: the eval split is held out at random, without stratification by class.", spec.name)
     if stratify:
         train = train.cast_column("label", datasets.ClassLabel(num_classes=max(counts) + 1))
     parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label" if stratify else None)
@@ -661,7 +673,7 @@ def _hold_out(spec: TaskSpec, train: Any, seed: int) -> tuple[Any, Any]:
 
 
 def prepare_tasks(specs: list[TaskSpec], num_labels: int | None = None, seed: int = 0) -> tuple[list[TaskData], int]:
-    """Load every task and fix the shared label space; return the task data and ``num_labels``.
+    """Load every task and fix the shared label space. Return the task data and ``num_labels``.
 
     ``num_labels`` is the maximum number of classes over the tasks unless
     `num_labels` is given. Raises ConfigError for duplicate task names, a
@@ -707,7 +719,7 @@ def _check_unique_names(names: list[str]) -> None:
 
 
 def tokenize_task_data(task: TaskData, tokenizer: Any, max_length: int) -> tuple[Any, Any]:
-    """Tokenize a task's train and eval splits; return datasets with ``input_ids``, ... and ``labels``.
+    """Tokenize the train and eval splits of a task into ``input_ids``, ``attention_mask``, ... and ``labels``.
 
     Texts are truncated to `max_length` tokens and left unpadded, so a
     `transformers.DataCollatorWithPadding` pads each batch.
@@ -722,7 +734,22 @@ def tokenize_task_data(task: TaskData, tokenizer: Any, max_length: int) -> tuple
 
     tokenized = []
     for dataset in (task.train, task.eval):
-        tokenized.append(dataset.map(encode, batched=True, remove_columns=dataset.column_names))
+        # Without new_fingerprint, datasets hashes `encode` by pickling the whole tokenizer, which
+        # took 18 s of a MiniLM run in a profile on a busy 2-core machine. The key names everything
+        # the output depends on, and keep_in_memory keeps the result out of the on-disk cache.
+        key = json.dumps(
+            [dataset._fingerprint, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, columns]
+        )
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
+        tokenized.append(
+            dataset.map(
+                encode,
+                batched=True,
+                remove_columns=dataset.column_names,
+                keep_in_memory=True,
+                new_fingerprint=fingerprint,
+            )
+        )
     return tokenized[0], tokenized[1]
 
 
@@ -746,7 +773,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "max_length": 128,
     "attn_implementation": None,
 }
-# Training arguments that the run sets per task; the config sets them elsewhere.
+# Training arguments that the run sets per task, with the config key that sets them instead.
 RESERVED_TRAINING_KEYS = {
     "output_dir": "run.output_dir",
     "seed": "run.seed",
@@ -781,7 +808,7 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     Values are parsed as YAML scalars or flow collections, so ``true``,
     ``1e-4``, ``[a, b]`` and ``null`` have their YAML types. List items are
     addressed by index (``tasks.0.max_steps=10``). Missing mapping keys are
-    created; the config validation rejects unknown ones afterwards.
+    created, and the config validation rejects unknown ones afterwards.
     """
     config = copy.deepcopy(config)
     for override in overrides:
@@ -821,7 +848,7 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             else:
                 raise ConfigError(
                     f"Invalid override {override!r}: {'.'.join(parts[:depth])} is a value ({node!r}), not a "
-                    "section, so it has no key {part!r}."
+                    f"section, so it has no key {part!r}."
                 )
     return config
 
@@ -841,7 +868,7 @@ def _check_keys(section: str, values: Any, valid: typing.Iterable[str]) -> dict[
 
 
 def _type_check_fields(section: str, values: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Convert ints to floats where `cls` expects a float; reject strings where it expects a number or bool."""
+    """Convert ints to floats where `cls` expects a float, and reject other types where it expects a number or bool."""
     hints = typing.get_type_hints(cls)
     checked = {}
     for name, value in values.items():
@@ -899,7 +926,7 @@ def training_argument_names() -> list[str]:
 
 
 def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Check every section of a config and fill in defaults; raise ConfigError naming the first problem."""
+    """Check every section of a config and fill in defaults. Raise ConfigError naming the first problem."""
     from transformers import TrainingArguments
 
     raw = _check_keys("config", raw, SECTIONS)

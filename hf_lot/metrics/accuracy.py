@@ -16,7 +16,7 @@ _DESCRIPTION = """
 Accuracy is the fraction of predictions that equal their reference label:
 (number of correct predictions) / (number of predictions). With `normalize=False`
 it returns the number of correct predictions instead. `sample_weight` weights
-each example; the weighted accuracy is sum(weight * correct) / sum(weight).
+each example, and the weighted accuracy is sum(weight * correct) / sum(weight).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -24,9 +24,9 @@ Args:
     predictions (list of int): predicted class ids.
     references (list of int): true class ids, one per prediction.
     normalize (bool): return a fraction (True, default) or a count of correct predictions (False).
-    sample_weight (list of float, optional): weight of each example; default 1 for every example.
+    sample_weight (list of float, optional): weight of each example, default 1.
 Returns:
-    accuracy (float): fraction (or weighted count) of correct predictions; 0.0 for an empty input.
+    accuracy (float): fraction (or weighted count) of correct predictions, 0.0 for an empty input.
 Example:
     >>> metric = evaluate.load("hf_lot/metrics/accuracy.py")
     >>> metric.compute(predictions=[0, 1, 2, 0], references=[0, 1, 1, 0])
@@ -61,8 +61,8 @@ class Accuracy(evaluate.Metric):
             weights = [float(weight) for weight in sample_weight]
             if len(weights) != len(predictions):
                 raise ValueError(
-                    f"sample_weight has {len(weights)} entries for {len(predictions)} predictions; "
-                    "pass one weight per prediction."
+                    f"sample_weight has {len(weights)} entries for {len(predictions)} predictions. "
+                    "Pass one weight per prediction."
                 )
 
         correct = sum(weight for weight, p, r in zip(weights, predictions, references) if int(p) == int(r))

