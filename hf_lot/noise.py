@@ -6,10 +6,10 @@ items (examples, or tokens for token-level losses), into
 
     G = sum_j a_j g_j,        sum_j a_j = 1.
 
-The weights ``a_j`` depend on how the loss was normalized: ``a_j = 1/n`` when
-every micro-batch loss is a mean divided by the number of accumulation steps,
-``a_j = b_j / B`` when the loss is a sum divided by the number of items in the
-whole step (``num_items_in_batch``).
+The weights ``a_j`` depend on how the loss was normalized. They are ``1/n``
+when every micro-batch loss is a mean divided by the number of accumulation
+steps, and ``b_j / B`` when the loss is a sum divided by the number of items in
+the whole step (``num_items_in_batch``).
 
 If per-item gradients have mean ``mu`` and covariance trace ``sigma2`` (the
 per-example variance), then ``E|g_j|^2 = |mu|^2 + sigma2 / b_j`` and
