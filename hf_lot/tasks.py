@@ -907,22 +907,15 @@ def _normalize_lot_section(values: Any) -> dict[str, Any]:
 
 
 def training_argument_names() -> list[str]:
-    """Return the valid ``training`` keys: TrainingArguments fields, plus ``lot_*`` fields.
+    """Return the valid ``training`` keys: the init fields of `hf_lot.LoTTrainingArguments`.
 
-    The ``lot_*`` names come from `hf_lot.LoTTrainingArguments` when it is
-    importable, and otherwise from the LoTConfig options, so a config that
-    names them validates with either trainer.
+    They are the `TrainingArguments` fields plus ``lot_preset``, ``lot_config``
+    and one ``lot_<option>`` per LoTConfig option. The baseline, which uses
+    plain `TrainingArguments`, ignores the ``lot_*`` keys.
     """
-    from transformers import TrainingArguments
+    from .args import LoTTrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    try:
-        from . import LoTTrainingArguments  # type: ignore[attr-defined]
-    except ImportError:
-        names |= {f"lot_{name}" for name in lot_option_names()}
-    else:
-        names |= {f.name for f in dataclasses.fields(LoTTrainingArguments) if f.init}
-    return sorted(names)
+    return sorted(f.name for f in dataclasses.fields(LoTTrainingArguments) if f.init)
 
 
 def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:

@@ -38,7 +38,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_lot import group_parameters_by_layer
+from hf_lot import LoTTrainer, LoTTrainingArguments, group_parameters_by_layer, unwrap_optimizer
 from hf_lot.results import ContinualResults, LearningRateRecorder, format_summary_table, load_accuracy_metric, task_accuracy
 from hf_lot.tasks import ConfigError, ExperimentConfig, TaskSpec, load_experiment_config, prepare_tasks, tokenize_task_data
 
@@ -50,7 +50,7 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.yaml")
 
 
 def _accelerator_available() -> bool:
-    """Return whether torch sees a GPU or another accelerator (CUDA, XPU, MPS, ...)."""
+    """Return whether torch can use a GPU or another accelerator (CUDA, XPU, MPS, ...)."""
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
@@ -136,16 +136,9 @@ def build_model_and_tokenizer(model_config: dict[str, Any], num_labels: int, see
 
 def resolve_trainer_classes(threshold: bool) -> tuple[type, type]:
     """Return (trainer class, arguments class): `LoTTrainer` with the threshold on, `Trainer` without."""
-    if not threshold:
-        return Trainer, TrainingArguments
-    try:
-        from hf_lot import LoTTrainer, LoTTrainingArguments
-    except ImportError as error:
-        raise ConfigError(
-            f"run.threshold=true needs hf_lot.LoTTrainer, which failed to import ({error}). "
-            "Run the baseline with run.threshold=false, or fix the hf_lot installation."
-        ) from error
-    return LoTTrainer, LoTTrainingArguments
+    if threshold:
+        return LoTTrainer, LoTTrainingArguments
+    return Trainer, TrainingArguments
 
 
 def build_training_arguments(config: ExperimentConfig, spec: TaskSpec, task_index: int, arguments_class: type):
@@ -343,7 +336,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         results.extra["timing"]["train_s"].append(train_seconds)
         results.extra["timing"]["eval_s"].append(eval_seconds)
 
-        optimizer = _unwrap_optimizer(trainer.optimizer)
+        optimizer = unwrap_optimizer(trainer.optimizer)
         if threshold:
             controller = trainer.lot_controller
             results.lot_history = _collect_lot_history(
@@ -374,7 +367,7 @@ def _collect_lot_history(
 ) -> list[dict[str, Any]]:
     """Return the controller history of the whole run so far.
 
-    A carried-over controller already holds every task's records. A fresh
+    A carried-over controller already contains every task's records. A fresh
     controller per task (reset_lot_state) counts tasks and steps from 0, so
     its records are renumbered to the run's task index and cumulative step.
     """
@@ -384,17 +377,6 @@ def _collect_lot_history(
         {**record, "task": task_index, "step": task_start + record["step"]} for record in controller.history
     ]
     return previous + renumbered
-
-
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """Return the torch optimizer inside Accelerate's wrapper, so the next task's trainer can wrap it again."""
-    try:
-        from hf_lot import unwrap_optimizer
-    except ImportError:
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
-        return optimizer
-    return unwrap_optimizer(optimizer)
 
 
 def _configure_logging(is_main: bool) -> None:

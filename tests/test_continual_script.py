@@ -110,7 +110,6 @@ def check_results(output_dir, threshold, world_size=1):
     return results
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [False, True], ids=["baseline", "threshold"])
 def test_tiny_run_single_process(tmp_path, threshold):
     output_dir = tmp_path / "out"
@@ -121,7 +120,6 @@ def test_tiny_run_single_process(tmp_path, threshold):
     assert "science-food" in completed.stdout
 
 
-@pytest.mark.slow
 def test_tiny_run_resets_and_tensorboard(tmp_path):
     """A fresh optimizer and controller per task, with TensorBoard logging on."""
     output_dir = tmp_path / "out"
@@ -140,7 +138,6 @@ def test_tiny_run_resets_and_tensorboard(tmp_path):
     assert len(events) >= 2
 
 
-@pytest.mark.slow
 def test_tiny_run_same_seed_same_results(tmp_path):
     """Two baseline runs with the same seed give the same accuracies and losses."""
     outputs = []
@@ -186,7 +183,6 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [False, True], ids=["baseline", "threshold"])
 def test_tiny_run_two_processes(tmp_path, threshold):
     output_dir = tmp_path / "out"
