@@ -90,7 +90,7 @@ def layer_param_group_indices(layers: Sequence[Layer], optimizer: torch.optim.Op
             owner = layer_of_group.setdefault(group_index, layer.name)
             if owner != layer.name:
                 raise ValueError(
-                    f"Optimizer parameter group {group_index} holds parameters of layers {owner!r} and "
+                    f"Optimizer parameter group {group_index} contains parameters of layers {owner!r} and "
                     f"{layer.name!r}; per-layer learning rates need one group per layer. Build the groups "
                     "with hf_lot.layerwise_param_groups(layers, ...)."
                 )

@@ -109,6 +109,13 @@ class LoTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is None:
             raise ValueError("LoTTrainer needs a model; model_init is not supported.")
+        engine = str(self.accelerator.distributed_type)
+        if "FSDP" in engine or "DEEPSPEED" in engine:
+            # Sharded gradients would give per-shard norms, and ZeRO hides per-parameter gradients.
+            raise ValueError(
+                f"LoTTrainer does not support {engine} yet: its noise and curvature statistics read full "
+                "per-parameter gradients. Train with DDP or a single process, or use transformers.Trainer."
+            )
 
         if lot_controller is not None:
             self.lot_config = lot_controller.config if lot_config is None else lot_config
@@ -322,7 +329,12 @@ class LoTTrainer(Trainer):
 
         total = None
         for half, count in zip(halves, counts):
-            self._lot_loss_weight = None if summed_loss else (count / total_items if total_items else 0.5)
+            if summed_loss:
+                self._lot_loss_weight = None
+            elif total_items:
+                self._lot_loss_weight = count / total_items
+            else:
+                self._lot_loss_weight = 0.5
             weight, items, scale = self._noise_weights(model, half, num_items_in_batch)
             self._lot_collector.begin_micro_batch(weight, items, scale, device=self.args.device)
             try:

@@ -67,7 +67,7 @@ def test_ddp_ranks_record_identical_statistics(runs):
 def test_ddp_noise_matches_single_process(runs):
     # Four micro-batches of 4 per step: on one process by accumulation, on two
     # by 2 ranks x 2 accumulation steps. The sequential sampler gives both the
-    # same global batches, so the noise estimator sees the same micro-batches.
+    # same global batches, so the noise estimator receives the same micro-batches.
     single, rank0, _ = runs
     assert len(single["history"]) == len(rank0["history"]) >= 2
     for expected, measured in zip(single["history"], rank0["history"]):
