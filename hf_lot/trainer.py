@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .callbacks import replace_console_callbacks
 from .config import LoTConfig
 from .controller import LoTController, _require_adam_state, layer_param_group_indices, layerwise_param_groups
 from .layers import format_layer_table, group_parameters_by_layer
@@ -138,6 +139,8 @@ class LoTTrainer(Trainer):
         self._lot_skipped_steps = 0
         self._lot_generator = torch.Generator().manual_seed(self.lot_config.seed)
         self.add_callback(_LoTTaskCallback(self))
+        # Per-layer values go to report_to integrations; the console line shows only the summary keys.
+        replace_console_callbacks(self)
 
     # -- optimizer and scheduler ------------------------------------------
 
