@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from hf_lot.curvature import curvature_context, power_iteration, top_block_eigenvalues
+from hf_lot.curvature import (
+    curvature_context,
+    finite_difference_block_hvp,
+    finite_difference_eigenvalues,
+    finite_difference_epsilon,
+    layer_block_hvp,
+    measure_block_eigenvalues,
+    power_iteration,
+    top_block_eigenvalues,
+)
 from hf_lot.layers import group_parameters_by_layer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -381,3 +390,320 @@ def test_context_pauses_checkpointing(bert_setup):
 
     assert not inside
     assert model.is_activation_checkpointing
+
+
+# -- finite-difference products ------------------------------------------------
+
+# Central differences in float64 with the default step: the truncation error is
+# O(step^2) relative, far below this tolerance for the models here.
+FINITE_DIFFERENCE_RTOL = 1e-3
+
+
+def relative_difference(first, second) -> float:
+    return float((flatten(first) - flatten(second)).norm() / flatten(second).norm())
+
+
+def test_finite_difference_epsilon_uses_rms():
+    parameters = [torch.full((4, 25), 2.0, dtype=torch.float64)]
+    vector = [torch.full((4, 25), 0.5, dtype=torch.float64)]
+
+    epsilon = finite_difference_epsilon(parameters, vector, relative_step=1e-2)
+
+    # RMS(theta) = 2 and |v| = 0.5 * sqrt(100) = 5, so |eps v| = 1e-2 * 2.
+    assert epsilon == pytest.approx(1e-2 * 2.0 / 5.0, rel=1e-12)
+
+
+def test_finite_difference_epsilon_zero_parameters():
+    epsilon = finite_difference_epsilon([torch.zeros(3)], [torch.tensor([3.0, 0.0, 4.0])], relative_step=1e-2)
+
+    assert epsilon == pytest.approx(1e-2 / 5.0, rel=1e-6)
+
+
+def test_finite_difference_rejects_zero_vector():
+    with pytest.raises(ValueError, match="zero vector"):
+        finite_difference_epsilon([torch.ones(3)], [torch.zeros(3)], relative_step=1e-2)
+
+
+def test_finite_difference_quadratic_exact():
+    # For a quadratic loss central differences are exact up to rounding.
+    generator = torch.Generator().manual_seed(3)
+    root = torch.randn(5, 5, generator=generator, dtype=torch.float64)
+    matrix = root @ root.T
+    parameter = nn.Parameter(torch.randn(5, generator=generator, dtype=torch.float64))
+    vector = [torch.randn(5, generator=generator, dtype=torch.float64)]
+
+    matvec = finite_difference_block_hvp(lambda: 0.5 * parameter @ matrix @ parameter, [parameter])
+
+    assert relative_difference(matvec(vector), [matrix @ vector[0]]) < 1e-9
+
+
+def test_finite_difference_restores_parameters(mlp_setup):
+    model, layers, inputs, labels, _ = mlp_setup
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    layer = layers[0]
+    vector = [torch.ones_like(p) for p in layer.parameters]
+
+    finite_difference_block_hvp(lambda: F.cross_entropy(model(inputs), labels), layer.parameters)(vector)
+
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_finite_difference_restores_after_error(mlp_setup):
+    model, layers, _, _, _ = mlp_setup
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    layer = layers[0]
+
+    def failing_loss():
+        raise KeyError("inside the loss")
+
+    with pytest.raises(KeyError):
+        finite_difference_block_hvp(failing_loss, layer.parameters)([torch.ones_like(p) for p in layer.parameters])
+
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_finite_difference_rejects_zero_step(mlp_setup):
+    _, layers, _, _, _ = mlp_setup
+
+    with pytest.raises(ValueError, match="relative_step"):
+        finite_difference_block_hvp(lambda: torch.zeros(()), layers[0].parameters, relative_step=0.0)
+
+
+def test_finite_difference_mlp_matches_dense(mlp_setup):
+    model, layers, inputs, labels, loss_of_parameters = mlp_setup
+    used = [layer for layer in layers if layer.name != "unused"]
+
+    results = finite_difference_eigenvalues(
+        lambda: F.cross_entropy(model(inputs), labels),
+        [layer.parameters for layer in used],
+        [None] * len(used),
+        max_iterations=COLD_ITERATIONS,
+        tolerance=COLD_TOLERANCE,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    for layer, result in zip(used, results):
+        hessian = dense_block_hessian(model, layer.parameter_names, loss_of_parameters)
+        expected, gap_ratio = dominant_eigenvalue(hessian)
+        assert gap_ratio < MAX_GAP_RATIO, layer.name
+        assert result.eigenvalue == pytest.approx(expected, rel=FINITE_DIFFERENCE_RTOL), layer.name
+
+
+def test_finite_difference_unreached_layer_zero(mlp_setup):
+    model, layers, inputs, labels, _ = mlp_setup
+    unused = next(layer for layer in layers if layer.name == "unused")
+
+    for central in (True, False):
+        (result,) = finite_difference_eigenvalues(
+            lambda: F.cross_entropy(model(inputs), labels), [unused.parameters], [None], max_iterations=10,
+            central=central,
+        )
+        assert result.eigenvalue == 0.0, central
+
+
+def test_finite_difference_bert_matches_dense(bert_setup):
+    model, batch = bert_setup
+    layers = group_parameters_by_layer(model, rules=[(r"layer\.0\.attention\.self\.query\.", "query")])
+    chosen = [layer for layer in layers if layer.name in ("query", "head")]
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    reference.eval()
+
+    def loss_of_parameters(replaced):
+        return functional_call(reference, replaced, args=(), kwargs=batch).loss
+
+    with curvature_context(model):
+        results = finite_difference_eigenvalues(
+            lambda: model(**batch).loss,
+            [layer.parameters for layer in chosen],
+            [None] * len(chosen),
+            max_iterations=COLD_ITERATIONS,
+            tolerance=COLD_TOLERANCE,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    for layer, result in zip(chosen, results):
+        hessian = dense_block_hessian(reference, layer.parameter_names, loss_of_parameters)
+        expected, gap_ratio = dominant_eigenvalue(hessian)
+        assert gap_ratio < MAX_GAP_RATIO, layer.name
+        assert result.eigenvalue == pytest.approx(expected, rel=FINITE_DIFFERENCE_RTOL), layer.name
+
+
+def build_float32_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("central, rtol", [(True, 2e-3), (False, 5e-2)])
+def test_finite_difference_float32_matches_double_backward(central, rtol):
+    # fp32 with the default step, every default layer of a BERT with
+    # initializer_range 0.02. Forward differences carry an O(eps) error.
+    model = build_float32_bert()
+    generator = torch.Generator().manual_seed(4)
+    batch = {
+        "input_ids": torch.randint(0, 100, (8, 12), generator=generator),
+        "attention_mask": torch.ones(8, 12, dtype=torch.long),
+        "labels": torch.randint(0, 3, (8,), generator=generator),
+    }
+    layers = group_parameters_by_layer(model)
+    vectors = [[torch.randn(p.shape, generator=generator) for p in layer.parameters] for layer in layers]
+
+    with curvature_context(model):
+        all_parameters = [p for layer in layers for p in layer.parameters]
+        gradients = torch.autograd.grad(model(**batch).loss, all_parameters, create_graph=True)
+        base = torch.autograd.grad(model(**batch).loss, all_parameters)
+        offset = 0
+        for layer, vector in zip(layers, vectors):
+            count = len(layer.parameters)
+            exact = layer_block_hvp(gradients[offset : offset + count], layer.parameters)(vector)
+            layer_base = None if central else base[offset : offset + count]
+            offset += count
+            approximate = finite_difference_block_hvp(
+                lambda: model(**batch).loss, layer.parameters, base_gradients=layer_base
+            )(vector)
+            assert relative_difference(approximate, exact) < rtol, layer.name
+
+
+def test_double_backward_method_raises_without_derivative(bert_setup):
+    # Outside curvature_context, eval-mode sdpa attention has no second derivative.
+    model, batch = bert_setup
+    model.eval()
+    layers = group_parameters_by_layer(model)
+
+    with pytest.raises(RuntimeError, match="derivative"):
+        measure_block_eigenvalues(
+            model, lambda: model(**batch).loss, [layers[1].parameters], [None], max_iterations=5,
+            method="double_backward",
+        )
+
+
+def test_auto_method_falls_back(bert_setup, caplog):
+    model, batch = bert_setup
+    layers = group_parameters_by_layer(model, rules=[(r"layer\.0\.attention\.self\.query\.", "query")])
+    chosen = [layer.parameters for layer in layers if layer.name in ("query", "head")]
+    arguments = dict(max_iterations=COLD_ITERATIONS, tolerance=COLD_TOLERANCE)
+    with curvature_context(model):
+        expected = top_block_eigenvalues(
+            model(**batch).loss, chosen, [None] * 2, generator=torch.Generator().manual_seed(0), **arguments
+        )
+    model.eval()
+
+    with caplog.at_level("WARNING", logger="hf_lot.curvature"):
+        results = measure_block_eigenvalues(
+            model, lambda: model(**batch).loss, chosen, [None] * 2, generator=torch.Generator().manual_seed(0),
+            method="auto", **arguments,
+        )
+
+    assert "switching to finite-difference" in caplog.text
+    for result, reference in zip(results, expected):
+        assert result.eigenvalue == pytest.approx(reference.eigenvalue, rel=FINITE_DIFFERENCE_RTOL)
+
+
+def test_auto_method_remembers_fallback(bert_setup, caplog):
+    model, batch = bert_setup
+    model.eval()
+    layers = group_parameters_by_layer(model)
+    arguments = dict(max_iterations=2, generator=torch.Generator().manual_seed(0), method="auto")
+
+    with caplog.at_level("WARNING", logger="hf_lot.curvature"):
+        for _ in range(2):
+            measure_block_eigenvalues(model, lambda: model(**batch).loss, [layers[1].parameters], [None], **arguments)
+
+    assert caplog.text.count("Double backward failed") == 1
+
+
+def test_auto_method_uses_double_backward(mlp_setup):
+    model, layers, inputs, labels, _ = mlp_setup
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return F.cross_entropy(model(inputs), labels)
+
+    measure_block_eigenvalues(model, loss_fn, [layers[0].parameters], [None], max_iterations=4, tolerance=1e-12, method="auto")
+
+    # One loss and graph serves every double-backward product; finite differences need two per product.
+    assert len(calls) == 1
+
+
+def test_unknown_method_rejected(mlp_setup):
+    model, layers, inputs, labels, _ = mlp_setup
+
+    with pytest.raises(ValueError, match="Unknown Hessian-vector product method 'jvp'"):
+        measure_block_eigenvalues(
+            model, lambda: F.cross_entropy(model(inputs), labels), [layers[0].parameters], [None],
+            max_iterations=3, method="jvp",
+        )
+
+
+@pytest.mark.parametrize("overrides", [{"hvp_method": "jvp"}, {"hvp_fd_step": 0.0}, {"hvp_fd_step": math.inf}])
+def test_config_rejects_invalid_hvp_options(overrides):
+    from hf_lot import LoTConfig
+
+    with pytest.raises(ValueError, match=f"Invalid LoT option {next(iter(overrides))}="):
+        LoTConfig(**overrides)
+
+
+class FakeAccelerator:
+    num_processes = 1
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_measure_layer_sharpness_methods_agree(mlp_setup, method):
+    from hf_lot import LoTConfig, LoTController
+    from hf_lot.loop import measure_layer_sharpness
+
+    model, layers, inputs, labels, loss_of_parameters = mlp_setup
+    used = [layer for layer in layers if layer.name != "unused"]
+    config = LoTConfig(hvp_method=method, hvp_cold_iterations=COLD_ITERATIONS, hvp_tolerance=COLD_TOLERANCE)
+    controller = LoTController(used, config)
+
+    sharpness = measure_layer_sharpness(
+        FakeAccelerator(), model, lambda module: F.cross_entropy(module(inputs), labels), controller,
+        torch.Generator().manual_seed(0),
+    )
+
+    for layer, value in zip(used, sharpness):
+        expected, _ = dominant_eigenvalue(dense_block_hessian(model, layer.parameter_names, loss_of_parameters))
+        assert value == pytest.approx(expected, rel=FINITE_DIFFERENCE_RTOL), layer.name
+    assert all(vector is not None for vector in controller.eigenvectors)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_initial_list_updated_in_place(mlp_setup, method):
+    model, layers, inputs, labels, _ = mlp_setup
+    vectors = [None] * len(layers)
+
+    results = measure_block_eigenvalues(
+        model, lambda: F.cross_entropy(model(inputs), labels), [layer.parameters for layer in layers], vectors,
+        max_iterations=5, generator=torch.Generator().manual_seed(0), method=method,
+    )
+
+    for vector, result in zip(vectors, results):
+        assert vector is result.eigenvector
+
+
+def test_training_arguments_pass_hvp_options(tmp_path):
+    from hf_lot import LoTTrainingArguments
+
+    args = LoTTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, lot_hvp_method="finite_difference",
+        lot_hvp_fd_step=0.02,
+    )
+
+    config = args.to_lot_config()
+    assert config.hvp_method == "finite_difference"
+    assert config.hvp_fd_step == 0.02
