@@ -185,6 +185,13 @@ class TaskSpec:
                 "expected one column name or a list of one or two (a text pair)",
                 "Set text_columns: text or text_columns: [premise, hypothesis].",
             )
+        if len(set(columns)) != len(columns):
+            _fail(
+                f"{where}.text_columns",
+                columns,
+                "names the same column twice",
+                "Give one column, or two different columns for a text pair.",
+            )
         if not isinstance(self.label_column, str) or not self.label_column:
             _fail(f"{where}.label_column", self.label_column, "expected a column name", "Set label_column: label.")
         if self.label_column in columns:
@@ -327,6 +334,18 @@ class TaskSpec:
                     "expected a class id (an integer of at least 0)",
                     "Map every label value to an integer class id.",
                 )
+        # A task's classes are 0 .. k-1: a missing id would be an output that no example trains,
+        # and it would count in the task's chance accuracy and argmax.
+        used = sorted(set(mapping.values()))
+        missing = sorted(set(range(used[-1] + 1)) - set(used))
+        if missing:
+            _fail(
+                where,
+                mapping,
+                f"class ids must be 0 .. {len(used) - 1} without gaps, but {', '.join(map(str, missing))} "
+                f"{'is' if len(missing) == 1 else 'are'} missing",
+                "Number the classes from 0 without gaps.",
+            )
 
     def _validate_splits(self, where: str) -> None:
         if self.eval_split is not None:
@@ -512,6 +531,12 @@ def _load_raw_splits(spec: TaskSpec, seed: int) -> tuple[Any, Any | None]:
             f"Task {spec.name!r}: loading the {spec.source_kind} source failed: {error}. Check that the source "
             "exists and contains examples."
         ) from error
+    except datasets.exceptions.DatasetGenerationError as error:
+        # Raised for files that do not parse in the given format. The parser's message is its cause.
+        raise ConfigError(
+            f"Task {spec.name!r}: reading the {spec.source_kind} source failed: {error.__cause__ or error}. Check "
+            "that every file is valid in the format given by source.format."
+        ) from error
 
     for name in [split] + ([spec.eval_split] if spec.eval_split else []):
         if name not in loaded:
@@ -592,6 +617,13 @@ def _apply_label_encoding(spec: TaskSpec, dataset: Any, mapping: dict[Any, int] 
                 f"Task {spec.name!r}: label {bad[0]!r} in the {split_name} split is not an integer class id. "
                 "Set label_mapping to map label values to class ids."
             )
+        negative = sorted({label for label in labels if label < 0})
+        if negative:
+            raise ConfigError(
+                f"Task {spec.name!r}: label {negative[0]} in the {split_name} split is negative, but class ids start "
+                "at 0. Unlabelled examples (label -1, as in the test splits of GLUE) cannot be trained or evaluated: "
+                "use a split with labels, or map every label value with label_mapping."
+            )
 
     columns = {column: list(dataset[column]) for column in spec.text_columns}
     columns["label"] = labels
@@ -624,6 +656,13 @@ def load_task_data(spec: TaskSpec, seed: int = 0) -> TaskData:
 
     mapping, num_classes, class_names = _label_encoding(spec, train, eval_dataset)
     train = _apply_label_encoding(spec, train, mapping, "train")
+    present = sorted(set(train["label"]))
+    if len(present) < 2:
+        raise ConfigError(
+            f"Task {spec.name!r}: all {len(train)} train examples have class {present[0]} "
+            f"({class_names[present[0]]!r} from column {spec.label_column!r}), so there is nothing to classify. "
+            "Give the task examples of at least two classes, or check label_column and label_mapping."
+        )
     if eval_dataset is not None:
         eval_dataset = _apply_label_encoding(spec, eval_dataset, mapping, "eval")
     else:
@@ -918,6 +957,42 @@ def training_argument_names() -> list[str]:
     return sorted(f.name for f in dataclasses.fields(LoTTrainingArguments) if f.init)
 
 
+def _check_model_fields(model: dict[str, Any]) -> None:
+    for key in ("tokenizer", "attn_implementation"):
+        value = model[key]
+        if value is not None and (not isinstance(value, str) or not value):
+            _fail(f"model.{key}", value, "expected a string or null", f"Set model.{key} to a name or remove it.")
+    num_labels = model["num_labels"]
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
+        _fail(
+            "model.num_labels",
+            num_labels,
+            "expected an integer of at least 2",
+            "Set model.num_labels to the number of head outputs, or remove it to use the largest task's classes.",
+        )
+
+
+# TrainingArguments (transformers 5.25) accepts zero or negative values for these and fails, or trains
+# nothing, only once training starts.
+POSITIVE_INTEGER_TRAINING_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+NON_NEGATIVE_TRAINING_KEYS = ("weight_decay", "max_grad_norm")
+
+
+def _check_training_ranges(training: dict[str, Any]) -> None:
+    for key in POSITIVE_INTEGER_TRAINING_KEYS:
+        value = training.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            _fail(f"training.{key}", value, "expected an integer of at least 1", f"Set training.{key} to 1 or more.")
+    for key in ("learning_rate", "num_train_epochs"):
+        value = training.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            _fail(f"training.{key}", value, "expected a finite positive number", f"Set training.{key} above 0.")
+    for key in NON_NEGATIVE_TRAINING_KEYS:
+        value = training.get(key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            _fail(f"training.{key}", value, "expected a finite number of at least 0", f"Set training.{key} to 0 or more.")
+
+
 def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Check every section of a config and fill in defaults. Raise ConfigError naming the first problem."""
     from transformers import TrainingArguments
@@ -935,6 +1010,7 @@ def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
     max_length = model["max_length"]
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         _fail("model.max_length", max_length, "expected an integer of at least 2", "Set model.max_length: 128.")
+    _check_model_fields(model)
 
     run = {**RUN_DEFAULTS, **_check_keys("run", raw.get("run"), RUN_KEYS)}
     for key in ("threshold", "reset_optimizer", "reset_lot_state", "evaluate_all_tasks", "plots"):
@@ -957,6 +1033,7 @@ def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
             _fail(f"training.{key}", training[key], "is set by the run", f"Set {where} instead.")
     lot_in_training = {key for key in training if key.startswith("lot_")}
     training = _type_check_fields("training", training, TrainingArguments)
+    _check_training_ranges(training)
 
     lot = _normalize_lot_section(raw.get("lot"))
     clashes = sorted(name for name in lot if f"lot_{name}" in lot_in_training)

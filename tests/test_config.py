@@ -348,17 +348,17 @@ def test_save_onto_file_raises(tmp_path):
 
 
 def test_pretrained_hub_download(tmp_path, monkeypatch):
-    import huggingface_hub
+    import hf_lot.config
 
     config = non_default_config()
     config.save_pretrained(tmp_path)
     requests = []
 
-    def fake_download(**kwargs):
-        requests.append(kwargs)
+    def fake_cached_file(repo_id, filename, **kwargs):
+        requests.append({"repo_id": repo_id, "filename": filename, **kwargs})
         return str(tmp_path / LOT_CONFIG_NAME)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hf_lot.config, "cached_file", fake_cached_file)
 
     loaded = LoTConfig.from_pretrained("someone/lot-config", revision="v1", interval=20)
 
@@ -455,3 +455,198 @@ def test_save_pretrained_push_default_repo(fake_hub, tmp_path):
 
     assert [repo_id for repo_id, _ in fake_hub.created_repos] == ["my-lot-run"]
     assert fake_hub.commits[0]["repo_id"] == "my-lot-run"
+
+
+def test_save_pretrained_push_only_written_files(fake_hub, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.json").write_text("{}", encoding="utf-8")
+
+    LoTConfig().save_pretrained(folder, push_to_hub=True, repo_id="someone/run", private=True, token="hf_test")
+
+    assert sorted(fake_hub.commits[0]["files"]) == [LOT_CONFIG_NAME]
+    assert fake_hub.created_repos == [("someone/run", {"exist_ok": True, "private": True, "token": "hf_test"})]
+    assert fake_hub.commits[0]["token"] == "hf_test"
+
+
+def test_pretrained_subfolder(tmp_path):
+    config = non_default_config()
+    config.save_pretrained(tmp_path / "lot")
+
+    assert LoTConfig.from_pretrained(tmp_path, subfolder="lot") == config
+
+
+@pytest.mark.parametrize("name", ["/no/such/folder", "./no-such-folder", "missing_lot_config.json"])
+def test_pretrained_missing_path(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(FileNotFoundError, match=re.escape(f"LoT config {name!r} not found")):
+        LoTConfig.from_pretrained(name)
+
+
+def test_pretrained_hub_id_offline(tmp_path, monkeypatch):
+    # conftest sets HF_HUB_OFFLINE=1, so an id missing from the (empty) cache fails without a request.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+    with pytest.raises(OSError, match="someone/absent-lot-config|couldn't connect"):
+        LoTConfig.from_pretrained("someone/absent-lot-config", cache_dir=tmp_path / "cache")
+
+
+# -- a stand-in Hub on loopback --------------------------------------------------------------------
+
+
+class LoopbackHub:
+    """A stand-in for the Hub's HTTP API on 127.0.0.1, with the endpoints that upload and download use.
+
+    It implements repository creation, YAML validation, preupload (every file
+    regular, none LFS), NDJSON commits and the ``resolve`` download route, and
+    records every request with its Authorization header.
+    """
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                hub.handle(self, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def do_GET(self):
+                hub.handle(self, b"")
+
+            do_HEAD = do_GET
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def reply(request, status, body=b"", headers=None, content_type="application/json"):
+        request.send_response(status)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            request.send_header(name, value)
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    def handle(self, request, body):
+        import base64
+        import hashlib
+
+        path = request.path.split("?")[0]
+        self.requests.append((request.command, path, request.headers.get("Authorization")))
+        if path == "/api/repos/create":
+            values = json.loads(body)
+            repo_id = "/".join(part for part in (values.get("organization"), values["name"]) if part)
+            self.repos.setdefault(repo_id, {})
+            return self.reply(request, 200, json.dumps({"url": f"{self.endpoint}/{repo_id}"}).encode())
+        if path == "/api/validate-yaml":
+            return self.reply(request, 200, b"{}")
+        preupload = re.fullmatch(r"/api/models/(.+)/preupload/[^/]+", path)
+        if preupload:
+            files = [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False} for item in json.loads(body)["files"]]
+            return self.reply(request, 200, json.dumps({"files": files}).encode())
+        commit = re.fullmatch(r"/api/models/(.+)/commit/[^/]+", path)
+        if commit:
+            for line in body.decode().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == "file":
+                    self.repos.setdefault(commit.group(1), {})[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+            sha = hashlib.sha1(body).hexdigest()
+            return self.reply(request, 200, json.dumps({"commitUrl": f"{self.endpoint}/{commit.group(1)}/commit/{sha}", "commitOid": sha}).encode())
+        resolve = re.fullmatch(r"/(.+)/resolve/[^/]+/(.+)", path)
+        if resolve and resolve.group(1) in self.repos:
+            data = self.repos[resolve.group(1)].get(resolve.group(2))
+            if data is None:
+                return self.reply(request, 404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
+            headers = {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": "0" * 40}
+            return self.reply(request, 200, data, headers, content_type="application/octet-stream")
+        return self.reply(request, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+
+
+# Runs in a child process, because huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import.
+HUB_CLIENT = """
+import json, sys
+from hf_lot.config import LoTConfig
+from hf_lot.tasks import load_experiment_config
+from hf_lot.validation import check_lot_config
+
+sys.path.insert(0, "scripts")
+import continual_finetune as script
+
+config = LoTConfig.from_dict(json.loads(sys.argv[1]))
+config.push_to_hub("someone/lot-config", commit_message="Add LoT config")
+config.save_pretrained(sys.argv[2], push_to_hub=True, repo_id="someone/lot-run")
+loaded = LoTConfig.from_pretrained("someone/lot-config")
+
+# The continual script's path: lot.config in the YAML config, then the arguments of the first task.
+experiment = load_experiment_config("configs/tiny.yaml", ["lot.config=someone/lot-run", f"run.output_dir={sys.argv[2]}"])
+arguments = script.build_training_arguments(experiment, experiment.tasks[0], 0, script.LoTTrainingArguments)
+from_script = check_lot_config(arguments)
+try:
+    LoTConfig.from_pretrained("someone/absent")
+    missing = None
+except OSError as error:
+    missing = str(error)
+print(json.dumps({"loaded": loaded.to_dict(), "from_script": from_script.to_dict(), "missing": missing}))
+"""
+
+
+@pytest.fixture
+def loopback_hub():
+    hub = LoopbackHub()
+    yield hub
+    hub.close()
+
+
+def test_hub_round_trip_over_http(loopback_hub, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    environment.update(
+        HF_ENDPOINT=loopback_hub.endpoint,
+        HF_HUB_OFFLINE="0",
+        HF_TOKEN="hf_loopback_test",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1",
+        OMP_NUM_THREADS="1",
+    )
+    config = non_default_config()
+
+    completed = subprocess.run(
+        [sys.executable, "-c", HUB_CLIENT, json.dumps(config.to_dict()), str(tmp_path / "lot-run")],
+        cwd=repo_root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    output = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert json.loads(loopback_hub.repos["someone/lot-config"][LOT_CONFIG_NAME]) == config.to_dict()
+    assert sorted(loopback_hub.repos["someone/lot-config"]) == ["README.md", LOT_CONFIG_NAME]
+    assert sorted(loopback_hub.repos["someone/lot-run"]) == [LOT_CONFIG_NAME]
+    assert LoTConfig.from_dict(output["loaded"]) == config
+    # configs/tiny.yaml sets lot.interval and lot.window, which take precedence over the saved config.
+    assert LoTConfig.from_dict(output["from_script"]) == dataclasses.replace(config, interval=2, window=5)
+    assert "someone/absent" in output["missing"]
+    assert {authorization for _, _, authorization in loopback_hub.requests} == {"Bearer hf_loopback_test"}

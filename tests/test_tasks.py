@@ -270,7 +270,7 @@ def test_negative_integer_label_is_rejected(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("text,label\na,0\nb,-1\nc,0\nd,1\ne,1\nf,0\n")
     spec = TaskSpec.from_dict({"name": "neg", "source": {"files": {"train": str(path)}, "format": "csv"}})
-    with pytest.raises(ConfigError, match="label -1 .* outside the model's label range 0..1"):
+    with pytest.raises(ConfigError, match="label -1 in the train split is negative"):
         prepare_tasks([spec])
 
 
