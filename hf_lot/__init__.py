@@ -12,12 +12,14 @@ from .controller import LoTController, layerwise_param_groups
 from .layers import Layer, format_layer_table, group_parameters_by_layer
 from .loop import LoTLoop
 from .optim import unwrap_optimizer
+from .plasticity import CReLU, WassersteinRegularizer
 from .scheduler import LayerwiseLRScheduler
 from .trainer import LoTTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CReLU",
     "Layer",
     "LayerwiseLRScheduler",
     "LoTConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "LoTTrainer",
     "LoTTrainingArguments",
     "PRESETS",
+    "WassersteinRegularizer",
     "format_layer_table",
     "group_parameters_by_layer",
     "layerwise_param_groups",

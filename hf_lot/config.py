@@ -14,8 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers.utils import PushToHubMixin
+from transformers.utils import PushToHubMixin, cached_file
+from transformers.utils import hub as transformers_hub
 
+from .curvature import DEFAULT_FINITE_DIFFERENCE_STEP, HVP_METHODS
 from .threshold import VOLATILITY_MODES
 
 __all__ = ["LOT_CONFIG_NAME", "LoTConfig", "PRESETS"]
@@ -26,6 +28,7 @@ WARM_PHASES = ("task_fraction", "run_fraction", "always", "never")
 BOUNDS = ("combined", "noise", "volatility")
 SHARPNESS_SCALES = ("layer", "global")
 NOISE_FALLBACKS = ("split", "none")
+GRANULARITIES = ("layer", "global")
 
 
 def _option(default: Any, help: str, **kwargs) -> Any:
@@ -86,6 +89,17 @@ class LoTConfig(PushToHubMixin):
         None, "Examples of the last micro-batch used for Hessian-vector products; None uses all of them."
     )
     hvp_eval_mode: bool = _option(True, "Disable dropout during Hessian-vector products, so every product sees one loss.")
+    hvp_method: str = _option(
+        "auto",
+        "How Hessian-vector products are computed: 'double_backward', 'finite_difference' (central differences "
+        "of two ordinary gradients per product, no second derivative needed) or 'auto' (double backward, "
+        "switching to finite differences for the model once double backward raises an error).",
+        choices=HVP_METHODS,
+    )
+    hvp_fd_step: float = _option(
+        DEFAULT_FINITE_DIFFERENCE_STEP,
+        "Finite-difference perturbation norm as a fraction of the layer's root-mean-square parameter value.",
+    )
     noise_every: int = _option(1, "Collect micro-batch noise statistics every this many optimizer steps.")
     noise_fallback: str = _option(
         "split",
@@ -94,6 +108,12 @@ class LoTConfig(PushToHubMixin):
         choices=NOISE_FALLBACKS,
     )
     control: bool = _option(True, "Change learning rates. False measures and logs only.")
+    granularity: str = _option(
+        "layer",
+        "'layer' cools and warms each layer on its own; 'global' applies one decision, made from network-wide "
+        "effective step and bound, to every layer's factor.",
+        choices=GRANULARITIES,
+    )
     layer_rules: list = _option(
         [], "Pairs [regex, layer_name] that override the default layer mapping; the first match wins."
     )
@@ -120,7 +140,7 @@ class LoTConfig(PushToHubMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, value, "expected an integer of at least 1")
-        for name in ("gamma", "cool_factor", "warm_factor", "warm_ratio", "kappa", "eps", "hvp_tolerance"):
+        for name in ("gamma", "cool_factor", "warm_factor", "warm_ratio", "kappa", "eps", "hvp_tolerance", "hvp_fd_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 fail(name, value, "expected a finite positive number")
@@ -142,6 +162,8 @@ class LoTConfig(PushToHubMixin):
             ("volatility", VOLATILITY_MODES),
             ("sharpness_scale", SHARPNESS_SCALES),
             ("noise_fallback", NOISE_FALLBACKS),
+            ("hvp_method", HVP_METHODS),
+            ("granularity", GRANULARITIES),
         ):
             if getattr(self, name) not in choices:
                 fail(name, getattr(self, name), f"expected one of {', '.join(choices)}")
@@ -189,12 +211,23 @@ class LoTConfig(PushToHubMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write ``lot_config.json`` into `save_directory`, and upload it when `push_to_hub` is set.
 
-        Extra keyword arguments go to `push_to_hub` (``repo_id``, ``token``,
-        ``private``, ``commit_message``).
+        As in `transformers.PretrainedConfig.save_pretrained`, ``repo_id``
+        defaults to the folder's name, ``commit_message`` goes to the commit,
+        the other keyword arguments (``token``, ``private``) go to
+        `HfApi.create_repo`, and only files of the folder written by this
+        call are uploaded.
         """
+        save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder.")
         os.makedirs(save_directory, exist_ok=True)
+
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            repo_id = transformers_hub.hf_api().create_repo(repo_id, exist_ok=True, **kwargs).repo_id
+            files_timestamps = self._get_files_timestamps(save_directory)
+
         path = os.path.join(save_directory, LOT_CONFIG_NAME)
         temporary = f"{path}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -202,8 +235,9 @@ class LoTConfig(PushToHubMixin):
         os.replace(temporary, path)
 
         if push_to_hub:
-            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            self.push_to_hub(repo_id, **kwargs)
+            self._upload_modified_files(
+                save_directory, repo_id, files_timestamps, commit_message=commit_message, token=kwargs.get("token")
+            )
 
     @classmethod
     def from_pretrained(
@@ -212,30 +246,53 @@ class LoTConfig(PushToHubMixin):
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        subfolder: str = "",
         **overrides,
     ) -> LoTConfig:
         """Load a config from a local folder or file, or from a Hub repository id.
 
-        Keyword `overrides` replace loaded values, as in `transformers` configs.
+        Hub files are resolved with `transformers.utils.cached_file`, so the
+        cache, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` work as for model
+        configs. Keyword `overrides` replace loaded values, as in
+        `transformers` configs, but an unknown key raises a ValueError instead
+        of being ignored.
         """
         path = os.fspath(pretrained_name_or_path)
-        if os.path.isdir(path):
-            path = os.path.join(path, LOT_CONFIG_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"No {LOT_CONFIG_NAME} in folder {pretrained_name_or_path!r}.")
-        elif not os.path.isfile(path):
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(
-                repo_id=path, filename=LOT_CONFIG_NAME, revision=revision, token=token, cache_dir=cache_dir
+        if os.path.isfile(path):
+            resolved = path
+        elif os.path.isdir(path):
+            resolved = os.path.join(path, subfolder, LOT_CONFIG_NAME)
+            if not os.path.isfile(resolved):
+                raise FileNotFoundError(
+                    f"No {LOT_CONFIG_NAME} in folder {os.path.join(path, subfolder)!r}. Save one there with "
+                    "LoTConfig.save_pretrained, or pass the folder that contains it."
+                )
+        elif os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.endswith(".json"):
+            raise FileNotFoundError(
+                f"LoT config {path!r} not found: no such file or folder. Pass a folder that contains {LOT_CONFIG_NAME}, "
+                "the file itself, or a Hub repository id such as owner/name."
             )
-        with open(path, encoding="utf-8") as handle:
+        else:
+            resolved = cached_file(
+                path,
+                LOT_CONFIG_NAME,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+                subfolder=subfolder,
+            )
+
+        with open(resolved, encoding="utf-8") as handle:
             try:
                 values = json.load(handle)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}.") from error
+                raise ValueError(f"{resolved} is not valid JSON: {error}.") from error
         if not isinstance(values, dict):
-            raise ValueError(f"{path} must contain a JSON object of LoT options.")
+            raise ValueError(f"{resolved} must contain a JSON object of LoT options.")
         return cls.from_dict({**values, **overrides})
 
 

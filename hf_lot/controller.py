@@ -135,6 +135,8 @@ class LoTController:
         self.eigenvectors: list[list[torch.Tensor] | None] = [None] * num_layers
         self.history: list[dict[str, Any]] = []
         self.task_counts: list[dict[str, int]] = []
+        # Optimizer steps whose statistics were discarded because their loss or gradient was not finite.
+        self.skipped_steps = 0
         self._reset_noise_sums()
 
     # -- bookkeeping -----------------------------------------------------
@@ -153,11 +155,23 @@ class LoTController:
         self.task_num_steps = int(num_steps)
         if self.task_index == 0:
             self.first_task_num_steps = int(num_steps)
-        self.task_counts.append({"measurements": 0, "combined": 0, "noise": 0, "volatility": 0})
+        self.task_counts.append({"measurements": 0, "combined": 0, "noise": 0, "volatility": 0, "skipped": 0})
 
     def advance(self) -> None:
         """Count one completed optimizer step."""
         self.total_steps += 1
+
+    def record_skipped_step(self) -> None:
+        """Count an optimizer step whose loss or gradient was NaN or infinite.
+
+        The caller discards the step's statistics and calls `advance` as for
+        any step. Nothing else of the controller changes, so the step moves no
+        statistic, window or factor.
+        """
+        self.skipped_steps += 1
+        if self.task_counts:
+            counts = self.task_counts[-1]
+            counts["skipped"] = counts.get("skipped", 0) + 1
 
     def is_measurement_step(self) -> bool:
         """True when the optimizer step about to run ends an interval of `config.interval` steps."""
@@ -300,11 +314,18 @@ class LoTController:
         warm = self.in_warm_phase()
         indices = layer_param_group_indices(self.layers, optimizer)
 
+        global_record = None
+        if config.granularity == "global":
+            global_record = self._global_decision(alpha, batch_size, squared_norm, variance, volatility_values, warm)
+
         layers_record = {}
         for index, name in enumerate(self.layer_names):
-            action = controller_action(
-                float(alpha[index]), float(bound[index]), config.gamma, config.alpha_min, config.warm_ratio, warm
-            )
+            if global_record is not None:
+                action = ControllerAction(global_record["action"])
+            else:
+                action = controller_action(
+                    float(alpha[index]), float(bound[index]), config.gamma, config.alpha_min, config.warm_ratio, warm
+                )
             old_factor = self.factors[index]
             if config.control and action is ControllerAction.COOL:
                 self.factors[index] *= config.cool_factor
@@ -352,9 +373,61 @@ class LoTController:
             "volatility_event": events["volatility"],
             "layers": layers_record,
         }
+        if global_record is not None:
+            record["global"] = global_record
         self.history.append(record)
         self._reset_noise_sums()
         return record
+
+    def _global_decision(
+        self,
+        alpha: torch.Tensor,
+        batch_size: float,
+        squared_norm: torch.Tensor,
+        variance: torch.Tensor,
+        volatility_values: torch.Tensor,
+        warm: bool,
+    ) -> dict[str, Any]:
+        """Make one controller decision from network-wide quantities, for ``granularity='global'``.
+
+        The network's effective step is the mean of the layers' ``alpha_l``.
+        Its squared gradient norm and noise are the sums over layers, and its
+        volatility is the mean of the layers' ``Vol_l`` weighted by ``|g_l|^2``,
+        so the inflated noise ``sigma2 + beta |g|^2 Vol`` is the sum of the
+        layers' inflated noises.
+        """
+        config = self.config
+        finite_alpha = alpha[torch.isfinite(alpha)]
+        network_alpha = float(finite_alpha.mean()) if finite_alpha.numel() else math.nan
+
+        measured = torch.isfinite(squared_norm) & torch.isfinite(variance)
+        total_squared_norm = squared_norm[measured].sum().reshape(1)
+        total_variance = variance[measured].sum().reshape(1)
+        if not bool(measured.any()):
+            total_squared_norm = total_variance = torch.full((1,), math.nan)
+        weights = squared_norm.nan_to_num(0.0)
+        weight_sum = float(weights.sum())
+        network_volatility = float((weights * volatility_values).sum()) / weight_sum if weight_sum > 0 else 0.0
+        network_volatility = torch.tensor([network_volatility])
+
+        bounds = {
+            "noise": float(noise_bound(batch_size, total_squared_norm, total_variance)[0]),
+            "volatility": float(volatility_bound(network_volatility, config.kappa)[0]),
+            "combined": float(
+                combined_bound(batch_size, total_squared_norm, total_variance, network_volatility, config.beta)[0]
+            ),
+        }
+        action = controller_action(
+            network_alpha, bounds[config.bound], config.gamma, config.alpha_min, config.warm_ratio, warm
+        )
+        return {
+            "alpha": network_alpha,
+            "alpha_noise": bounds["noise"],
+            "alpha_volatility": bounds["volatility"],
+            "alpha_combined": bounds["combined"],
+            "volatility": float(network_volatility[0]),
+            "action": action.value,
+        }
 
     def task_summary(self, task_index: int | None = None) -> dict[str, Any]:
         """Return the risk of one task: the share of measurements where some layer exceeded each bound.
@@ -374,6 +447,7 @@ class LoTController:
             "rho": share("combined"),
             "rho_noise": share("noise"),
             "rho_volatility": share("volatility"),
+            "skipped_steps": counts.get("skipped", 0),
         }
 
     def log_values(self, record: dict[str, Any]) -> dict[str, float]:
@@ -412,6 +486,7 @@ class LoTController:
             "eigenvectors": [None if v is None else [t.detach().cpu() for t in v] for v in self.eigenvectors],
             "history": self.history,
             "task_counts": self.task_counts,
+            "skipped_steps": self.skipped_steps,
             "noise_sums": {
                 "squared_norm": self._noise_squared_norm.clone(),
                 "variance": self._noise_variance.clone(),
@@ -438,6 +513,8 @@ class LoTController:
                 self.eigenvectors.append([t.to(p.device, p.dtype) for t, p in zip(saved, layer.parameters)])
         self.history = list(state["history"])
         self.task_counts = [dict(counts) for counts in state["task_counts"]]
+        # States saved before the count existed have none.
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         noise = state["noise_sums"]
         self._noise_squared_norm = noise["squared_norm"].clone().double()
         self._noise_variance = noise["variance"].clone().double()

@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import LoTConfig
 from .controller import LoTController, layerwise_param_groups
-from .curvature import curvature_context, top_block_eigenvalues
+from .curvature import curvature_context, measure_block_eigenvalues
 from .layers import format_layer_table, group_parameters_by_layer
 from .noise import MicroBatchNoiseCollector, squared_norms_of_gradients
 from .optim import unwrap_optimizer
@@ -57,19 +57,22 @@ def measure_layer_sharpness(
     """Measure each layer's top Hessian-block eigenvalue, warm-started, and average it over ranks.
 
     `loss_fn` maps the unwrapped `model` to a scalar loss on the current
-    micro-batch. The new eigenvectors are stored in the controller.
+    micro-batch; finite-difference products (``config.hvp_method``) call it
+    twice per product. The new eigenvectors are stored in the controller.
     """
     config = controller.config
     cold = any(vector is None for vector in controller.eigenvectors)
     with curvature_context(model, eval_mode=config.hvp_eval_mode):
-        loss = loss_fn(model)
-        results = top_block_eigenvalues(
-            loss,
+        results = measure_block_eigenvalues(
+            model,
+            lambda: loss_fn(model),
             [layer.parameters for layer in controller.layers],
             controller.eigenvectors,
             max_iterations=config.hvp_cold_iterations if cold else config.hvp_iterations,
             tolerance=config.hvp_tolerance,
             generator=generator,
+            method=config.hvp_method,
+            relative_step=config.hvp_fd_step,
         )
     controller.eigenvectors = [result.eigenvector for result in results]
     sharpness = torch.tensor([result.eigenvalue for result in results], dtype=torch.float64)
@@ -175,7 +178,15 @@ class LoTLoop:
         controller = self.controller
 
         if not torch.isfinite(squared_norms).all():
+            # As in LoTTrainer: the step moves no statistic, and only the first one is logged.
             self.collector.discard_step()
+            controller.record_skipped_step()
+            if controller.skipped_steps == 1:
+                logger.warning(
+                    "Optimizer step %d has a NaN or infinite gradient. LoT statistics skip such steps and count them "
+                    "in controller.skipped_steps.",
+                    controller.total_steps + 1,
+                )
             controller.advance()
             return None
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -32,6 +33,7 @@ __all__ = [
     "load_accuracy_metric",
     "plot_accuracy",
     "plot_learning_rates",
+    "remove_temporary_files",
     "task_accuracy",
     "to_json_safe",
     "write_json_atomic",
@@ -175,23 +177,54 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+def remove_temporary_files(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that `write_json_atomic` and the plots leave behind when a process is killed.
+
+    Returns the names of the deleted files. Only names of the form
+    ``.<file>.<pid>.<hex>.tmp`` and ``.<plot>.tmp.png`` are touched.
+    """
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(".") and (name.endswith(".tmp") or name.endswith(".tmp.png")):
+            os.unlink(os.path.join(output_dir, name))
+            removed.append(name)
+    return removed
+
+
 # -- learning-rate recording ---------------------------------------------
 
 
-class LearningRateRecorder(TrainerCallback):
-    """Trainer callback that records every layer's learning rate after each optimizer step.
+class LearningRateRecorder(TrainerCallback, ExportableState):
+    """Trainer callback that records every layer's learning rate after each optimizer step, and the task's loss.
 
     Each record is ``(step, task, {layer_name: lr})``, where ``step`` counts
     optimizer steps across all tasks. A layer's learning rate is that of the
     parameter group that contains its first parameter, so the recorder works for
     the plain `Trainer` (one rate for every layer) and for per-layer groups.
+
+    The records of the current task and the loss sums are also kept here, and
+    `state` exports them: `Trainer` writes them into every checkpoint's
+    ``trainer_state.json`` (under ``stateful_callbacks``) in the same file as
+    the step count, so a task resumed from a checkpoint continues them with
+    `load_state`. ``run_id`` marks which run wrote a checkpoint.
     """
 
-    def __init__(self, results: ContinualResults, layers: list[Any], task_index: int, step_offset: int):
+    def __init__(
+        self, results: ContinualResults, layers: list[Any], task_index: int, step_offset: int, run_id: str | None = None
+    ):
         self.results = results
         self.layers = layers
         self.task_index = task_index
         self.step_offset = step_offset
+        self.run_id = run_id
+        self.task_records: list[list[Any]] = []
+        self.loss_sum = 0.0
+        self.loss_steps = 0
+        self.nonfinite_loss_steps = 0
+        self._step_loss = 0.0
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
@@ -202,7 +235,61 @@ class LearningRateRecorder(TrainerCallback):
             group = group_of.get(id(layer.parameters[0]))
             if group is not None:
                 rates[layer.name] = float(group["lr"])
-        self.results.record_learning_rates(self.step_offset + state.global_step, self.task_index, rates)
+        step = self.step_offset + state.global_step
+        self.task_records.append([step, rates])
+        self.results.record_learning_rates(step, self.task_index, rates)
+
+    def record_loss(self, loss: float, last_micro_batch: bool) -> None:
+        """Add one micro-batch loss, as `Trainer.training_step` returns it, and close the step on the last micro-batch.
+
+        A step whose loss is NaN or infinite is left out of the mean and counted in `nonfinite_loss_steps`.
+        """
+        self._step_loss += float(loss)
+        if not last_micro_batch:
+            return
+        if math.isfinite(self._step_loss):
+            self.loss_sum += self._step_loss
+            self.loss_steps += 1
+        else:
+            self.nonfinite_loss_steps += 1
+        self._step_loss = 0.0
+
+    @property
+    def train_loss(self) -> float | None:
+        """Mean loss over the task's optimizer steps with a finite loss, or None before any such step."""
+        return self.loss_sum / self.loss_steps if self.loss_steps else None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {},
+            "attributes": {
+                "run_id": self.run_id,
+                "task_index": self.task_index,
+                "task_records": self.task_records,
+                "loss_sum": self.loss_sum,
+                "loss_steps": self.loss_steps,
+                "nonfinite_loss_steps": self.nonfinite_loss_steps,
+            },
+        }
+
+    def load_state(self, attributes: dict[str, Any]) -> None:
+        """Continue from the `state()` attributes of a checkpoint and add its learning-rate records to the results again.
+
+        Raises:
+            ValueError: If the checkpoint belongs to another run or task.
+        """
+        if attributes.get("run_id") != self.run_id or attributes.get("task_index") != self.task_index:
+            raise ValueError(
+                f"Checkpoint records are for run {attributes.get('run_id')!r}, task {attributes.get('task_index')}, "
+                f"not run {self.run_id!r}, task {self.task_index}."
+            )
+        self.task_records = [[int(step), dict(rates)] for step, rates in attributes["task_records"]]
+        for step, rates in self.task_records:
+            self.results.record_learning_rates(step, self.task_index, rates)
+        self.loss_sum = float(attributes["loss_sum"])
+        self.loss_steps = int(attributes["loss_steps"])
+        self.nonfinite_loss_steps = int(attributes["nonfinite_loss_steps"])
+        self._step_loss = 0.0
 
 
 # -- results -------------------------------------------------------------
@@ -242,6 +329,48 @@ class ContinualResults:
         self.lr_values: dict[str, list[float | None]] = {name: [] for name in self.layer_names}
         self.lot_history: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+
+    # Keys of `to_dict` that are computed from the stored fields instead of being stored.
+    _DERIVED_KEYS = (
+        "schema_version",
+        "tasks_completed",
+        "average_accuracy",
+        "final_average_accuracy",
+        "forgetting",
+        "average_forgetting",
+        "plots",
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContinualResults:
+        """Rebuild the results from a ``results.json`` dict, for a run that continues after an interruption.
+
+        NaN values come back as None, because ``results.json`` stores them as null.
+        """
+        if data.get("schema_version") != RESULTS_SCHEMA_VERSION:
+            raise ValueError(
+                f"results.json has schema_version {data.get('schema_version')!r}, but this version of hf_lot reads "
+                f"only version {RESULTS_SCHEMA_VERSION}. Continue the run with the hf_lot version that started it."
+            )
+        results = cls(data["config"], data["tasks"], data["layer_names"], data["threshold"], data["num_labels"])
+        results.status = data["status"]
+        results.accuracy = [list(row) for row in data["accuracy"]]
+        results.train = [None if summary is None else dict(summary) for summary in data["train"]]
+        results.task_boundaries = [int(step) for step in data["task_boundaries"]]
+        rates = data["learning_rates"]
+        results.lr_steps = [int(step) for step in rates["step"]]
+        results.lr_tasks = [int(task) for task in rates["task"]]
+        results.lr_values = {name: list(rates["layers"][name]) for name in results.layer_names}
+        results.lot_history = list(data["lot_history"])
+        stored = {"status", "threshold", "num_labels", "tasks", "layer_names", "train", "accuracy", "task_boundaries",
+                  "learning_rates", "lot_history", "config"}  # fmt: skip
+        results.extra = {key: value for key, value in data.items() if key not in stored and key not in cls._DERIVED_KEYS}
+        return results
+
+    @property
+    def tasks_completed(self) -> int:
+        """Number of tasks trained and evaluated so far."""
+        return _completed_rows(self.accuracy)
 
     @property
     def task_names(self) -> list[str]:

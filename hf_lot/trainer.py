@@ -74,6 +74,25 @@ def _slice_batch(inputs: dict[str, Any], start: int, stop: int, batch_size: int)
     }
 
 
+def _reject_sharded_engine(accelerator) -> None:
+    """Raise ValueError when `accelerator` runs FSDP or DeepSpeed, which LoTTrainer does not support."""
+    engine = str(accelerator.distributed_type)
+    if "FSDP" in engine:
+        raise ValueError(
+            f"LoTTrainer does not support FSDP ({engine}): its noise statistics read each micro-batch's full "
+            "per-layer gradient through tensor hooks, which are not wired to FSDP's sharded gradients. Train "
+            "with DDP (accelerate launch --multi_gpu) or one process. In a custom FSDP loop, "
+            "hf_lot.sharding.sharded_squared_norms sums per-layer squared gradient norms over the shards."
+        )
+    if "DEEPSPEED" in engine:
+        raise ValueError(
+            f"LoTTrainer does not support DeepSpeed ({engine}): from ZeRO stage 1 on, Adam's second moment is "
+            "partitioned across ranks, so the per-layer effective step cannot be read, and stages 2 and 3 "
+            "partition the gradients as well (stage 0 is untested). Train with DDP (accelerate launch "
+            "--multi_gpu) or one process, or use transformers.Trainer without the threshold."
+        )
+
+
 class _LoTTaskCallback(TrainerCallback):
     """Start a controller task at the beginning of each `train()` call and manage the noise hooks."""
 
@@ -84,14 +103,26 @@ class _LoTTaskCallback(TrainerCallback):
         trainer = self.trainer
         if state.global_step == 0:
             trainer.lot_controller.begin_task(state.max_steps)
+        trainer._lot_skipped_steps = 0
+        trainer._lot_first_skipped_step = None
         logger.info(
             "LoT layers (one optimizer parameter group per layer):\n%s", format_layer_table(trainer.lot_layers)
         )
         trainer._lot_collector.attach()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._lot_collector.detach()
-        self.trainer._lot_collector.discard_step()
+        trainer = self.trainer
+        trainer._lot_collector.detach()
+        trainer._lot_collector.discard_step()
+        trainer._lot_step_loss = None
+        if trainer._lot_skipped_steps > 1:
+            # The first skipped step had its own warning; the repeats are reported once, as a count.
+            logger.warning(
+                "LoT statistics skipped %d optimizer steps of this training run with a NaN or infinite loss or "
+                "gradient; the first was step %d.",
+                trainer._lot_skipped_steps,
+                trainer._lot_first_skipped_step,
+            )
 
 
 class LoTTrainer(Trainer):
@@ -110,13 +141,7 @@ class LoTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is None:
             raise ValueError("LoTTrainer needs a model; model_init is not supported.")
-        engine = str(self.accelerator.distributed_type)
-        if "FSDP" in engine or "DEEPSPEED" in engine:
-            # Sharded gradients would give per-shard norms, and ZeRO hides per-parameter gradients.
-            raise ValueError(
-                f"LoTTrainer does not support {engine} yet: its noise and curvature statistics read full "
-                "per-parameter gradients. Train with DDP or a single process, or use transformers.Trainer."
-            )
+        _reject_sharded_engine(self.accelerator)
 
         if lot_controller is not None:
             self.lot_config = lot_controller.config if lot_config is None else lot_config
@@ -136,7 +161,11 @@ class LoTTrainer(Trainer):
         self._lot_collecting = False
         self._lot_micro_step = 0
         self._lot_warned: set[str] = set()
+        # Sum of this optimizer step's micro-batch losses, checked once when the step ends.
+        self._lot_step_loss: torch.Tensor | None = None
+        # Steps of the current train() call skipped for a non-finite loss or gradient, and the first one.
         self._lot_skipped_steps = 0
+        self._lot_first_skipped_step: int | None = None
         self._lot_generator = torch.Generator().manual_seed(self.lot_config.seed)
         self.add_callback(_LoTTaskCallback(self))
         # Per-layer values go to report_to integrations; the console line shows only the summary keys.
@@ -310,6 +339,9 @@ class LoTTrainer(Trainer):
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
 
+        # Summed on the device and checked once at the end of the step, where the gradient norms are read too.
+        step_loss = loss.detach().float().sum()
+        self._lot_step_loss = step_loss if self._lot_step_loss is None else self._lot_step_loss + step_loss
         if is_last:
             self._lot_micro_step = 0
             self._end_optimizer_step(model, inputs, num_items_in_batch)
@@ -360,18 +392,9 @@ class LoTTrainer(Trainer):
         combined_scale = self._combined_gradient_scale(model, num_items_in_batch)
         squared_norms = squared_norms_of_gradients(self.lot_layers, scale=combined_scale)
 
-        if not torch.isfinite(squared_norms).all():
-            self._lot_collector.discard_step()
-            self._lot_skipped_steps += 1
-            bad = [name for name, value in zip(controller.layer_names, squared_norms.tolist()) if not math.isfinite(value)]
-            self._warn_once(
-                "nonfinite",
-                "Non-finite gradient at step %d in layer(s) %s; LoT statistics skip such steps (count logged as "
-                "lot/skipped_steps).",
-                self.state.global_step,
-                ", ".join(bad),
-            )
-            controller.advance()
+        loss_is_finite = self._step_loss_is_finite()
+        if not (loss_is_finite and torch.isfinite(squared_norms).all()):
+            self._skip_nonfinite_step(squared_norms, loss_is_finite)
             return
 
         if self._lot_collecting:
@@ -391,9 +414,68 @@ class LoTTrainer(Trainer):
                 if isinstance(self.lr_scheduler, LayerwiseLRScheduler):
                     self.lr_scheduler.apply_factors()
                 values = controller.log_values(record)
-                values["lot/skipped_steps"] = float(self._lot_skipped_steps)
+                values["lot/skipped_steps"] = float(controller.task_counts[-1].get("skipped", 0))
                 self.log(values)
+                self._warn_nonfinite_sharpness(record)
         controller.advance()
+
+    def _step_loss_is_finite(self) -> bool:
+        """Return whether this step's loss is finite on every process, and reset the step's loss sum.
+
+        With several processes the flag is reduced over them, so that all
+        ranks skip the same steps and keep their collective calls in step.
+        """
+        loss, self._lot_step_loss = self._lot_step_loss, None
+        if loss is None:
+            return True
+        nonfinite = (~torch.isfinite(loss)).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            nonfinite = self.accelerator.reduce(nonfinite.to(self.accelerator.device), reduction="sum")
+        return not bool(nonfinite.item() > 0)
+
+    def _skip_nonfinite_step(self, squared_norms: torch.Tensor, loss_is_finite: bool) -> None:
+        """Discard the statistics of a step with a NaN or infinite loss or gradient, and count it.
+
+        Such a step changes no noise sum, sharpness window, factor or history
+        record. Only the controller's step count and skip counts advance. The
+        first such step of a training run is logged with its step and the
+        layers whose gradient is not finite. Later ones are counted and
+        reported once at the end of the training run (and as ``lot/skipped_steps``).
+        An AMP scaler that finds inf or NaN gradients skips the optimizer step
+        too, as it checks the same gradients.
+        """
+        controller = self.lot_controller
+        self._lot_collector.discard_step()
+        self._lot_collecting = False
+        controller.record_skipped_step()
+        self._lot_skipped_steps += 1
+        step = self.state.global_step + 1
+        if self._lot_first_skipped_step is None:
+            self._lot_first_skipped_step = step
+            bad = [name for name, value in zip(controller.layer_names, squared_norms.tolist()) if not math.isfinite(value)]
+            cause = "loss"
+            if bad:
+                cause = f"gradient in layer(s) {', '.join(bad)}"
+                if not loss_is_finite:
+                    cause = "loss and " + cause
+            logger.warning(
+                "Optimizer step %d of this training run has a NaN or infinite %s. LoT statistics skip this step, and "
+                "later such steps are counted and reported when training ends.",
+                step,
+                cause,
+            )
+        controller.advance()
+
+    def _warn_nonfinite_sharpness(self, record: dict[str, Any]) -> None:
+        bad = [name for name, layer in record["layers"].items() if self.lot_config.curvature and not math.isfinite(layer["sharpness"])]
+        if bad:
+            self._warn_once(
+                "nonfinite-sharpness",
+                "The Hessian-vector products gave a NaN or infinite sharpness at step %d in layer(s) %s. Those layers' "
+                "volatility windows keep their values, and their bound uses the gradient noise alone.",
+                self.state.global_step + 1,
+                ", ".join(bad),
+            )
 
     def _measure_sharpness(self, model, inputs) -> list[float]:
         """Return each layer's top Hessian-block eigenvalue on this micro-batch, averaged over ranks."""

@@ -3,6 +3,7 @@
 
 Usage:
     python scripts/continual_finetune.py [--config configs/default.yaml] [key=value ...]
+    python scripts/continual_finetune.py --resume OUTPUT_DIR
     accelerate launch [launcher options] scripts/continual_finetune.py [--config ...] [key=value ...]
 
 Overrides are dotted paths into the YAML config, with YAML values, for example
@@ -15,11 +16,16 @@ the same data, model, optimizer carry-over and schedule. After each task, the
 script evaluates every task seen so far (every task with
 ``run.evaluate_all_tasks: true``) and rewrites ``results.json`` and the plots
 in ``run.output_dir``. Only the main process writes files.
+
+``--resume OUTPUT_DIR`` continues a run that was interrupted, with the config
+saved in that folder. Finished tasks are skipped, and the current task
+continues from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging as std_logging
 import os
 import sys
@@ -39,8 +45,31 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_lot import LoTTrainer, LoTTrainingArguments, group_parameters_by_layer, unwrap_optimizer
-from hf_lot.results import ContinualResults, LearningRateRecorder, format_summary_table, load_accuracy_metric, task_accuracy
+from hf_lot.results import (
+    RESULTS_FILE,
+    ContinualResults,
+    LearningRateRecorder,
+    format_summary_table,
+    load_accuracy_metric,
+    remove_temporary_files,
+    task_accuracy,
+    to_json_safe,
+)
+from hf_lot.resume import (
+    CONFIG_FILE,
+    TASK_END_DIR,
+    find_checkpoint,
+    load_task_end,
+    new_run_id,
+    read_config,
+    remove_task_end,
+    restore_task_end,
+    save_task_end,
+    write_config,
+)
 from hf_lot.tasks import ConfigError, ExperimentConfig, TaskSpec, load_experiment_config, prepare_tasks, tokenize_task_data
+from hf_lot.report import write_report
+from hf_lot.validation import check_classification_head, check_run_inputs
 
 logger = logging.get_logger("continual_finetune")
 
@@ -59,7 +88,9 @@ def _accelerator_available() -> bool:
 # Training arguments the script sets unless the config's training section sets them.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
-    "save_strategy": "no",
+    # Checkpoints inside a task (every save_steps steps, 500 unless set) let --resume continue the task.
+    "save_strategy": "steps",
+    "save_total_limit": 1,
     "eval_strategy": "no",
     "logging_steps": 10,
     "dataloader_pin_memory": _accelerator_available(),
@@ -78,13 +109,26 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog="Config sections: model, tasks, training, lot, run. See configs/default.yaml and docs/continual.md.",
     )
+    parser.add_argument("--config", default=None, help="YAML experiment config (default: configs/default.yaml).")
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help="YAML experiment config (default: configs/default.yaml)."
+        "--resume",
+        metavar="OUTPUT_DIR",
+        default=None,
+        help="Continue the interrupted run in OUTPUT_DIR (its run.output_dir) with the config saved there. "
+        "Takes no --config and no overrides.",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="Dotted config overrides, for example run.seed=1."
     )
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.resume is not None and (arguments.config is not None or arguments.overrides):
+        parser.error(
+            "--resume reads the config saved in the run folder, so it takes no --config and no overrides; a changed "
+            "config would not give the results of the interrupted run. Start a new run to change the config."
+        )
+    if arguments.config is None:
+        arguments.config = DEFAULT_CONFIG
+    return arguments
 
 
 # -- model, trainer and arguments ----------------------------------------
@@ -134,11 +178,37 @@ def build_model_and_tokenizer(model_config: dict[str, Any], num_labels: int, see
     return model, tokenizer
 
 
+class _LossRecordingMixin:
+    """Pass every micro-batch loss to the task's `LearningRateRecorder`.
+
+    The recorder's loss sums are saved in each checkpoint, so a task resumed
+    from a checkpoint reports the mean loss of all its steps, where
+    `TrainOutput.training_loss` (transformers 5.25) covers only the steps run
+    after the resume.
+    """
+
+    loss_recorder: LearningRateRecorder | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_recorder is not None:
+            self.loss_recorder.record_loss(float(loss), last_micro_batch=self.accelerator.sync_gradients)
+        return loss
+
+
+class ContinualTrainer(_LossRecordingMixin, Trainer):
+    """The baseline: `transformers.Trainer` that records its loss for the continual results."""
+
+
+class ContinualLoTTrainer(_LossRecordingMixin, LoTTrainer):
+    """`LoTTrainer` that records its loss for the continual results."""
+
+
 def resolve_trainer_classes(threshold: bool) -> tuple[type, type]:
     """Return (trainer class, arguments class): `LoTTrainer` with the threshold on, `Trainer` without."""
     if threshold:
-        return LoTTrainer, LoTTrainingArguments
-    return Trainer, TrainingArguments
+        return ContinualLoTTrainer, LoTTrainingArguments
+    return ContinualTrainer, TrainingArguments
 
 
 def build_training_arguments(config: ExperimentConfig, spec: TaskSpec, task_index: int, arguments_class: type):
@@ -160,6 +230,11 @@ def build_training_arguments(config: ExperimentConfig, spec: TaskSpec, task_inde
         values["max_steps"] = -1
 
     values["output_dir"] = os.path.join(config.run["output_dir"], "tasks", f"{task_index:02d}-{spec.name}")
+    # The script restores its LearningRateRecorder from checkpoints itself; Trainer's restore would
+    # replace it with a copy that is not connected to the results.
+    if values.get("restore_callback_states_from_checkpoint") and task_index == 0:
+        logger.warning("training.restore_callback_states_from_checkpoint is ignored: the script restores its callbacks.")
+    values["restore_callback_states_from_checkpoint"] = False
     # Each task gets its own seed so that data order and dropout differ between tasks.
     values["seed"] = config.run["seed"] + task_index
     try:
@@ -206,12 +281,15 @@ def model_normalizes_by_items(model: Any, dataset: Any, collator: Any) -> bool:
     return not abs(first - second) <= 1e-4 * max(abs(first), 1e-12)
 
 
-def _train_summary(train_output: Any, trainer: Any, threshold: bool, task_index: int) -> dict[str, Any]:
+def _train_summary(
+    train_output: Any, trainer: Any, threshold: bool, task_index: int, recorder: LearningRateRecorder
+) -> dict[str, Any]:
     metrics = train_output.metrics
     summary = {
         "task": task_index,
         "steps": int(trainer.state.global_step),
-        "train_loss": float(train_output.training_loss),
+        "train_loss": recorder.train_loss,
+        "nonfinite_loss_steps": recorder.nonfinite_loss_steps,
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "rho": None,
@@ -228,8 +306,14 @@ def _train_summary(train_output: Any, trainer: Any, threshold: bool, task_index:
 # -- the run -------------------------------------------------------------
 
 
-def run(config: ExperimentConfig) -> dict[str, Any]:
-    """Train every task in order, evaluate after each one and write the results. Return the results dict."""
+def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Train every task in order, evaluate after each one and write the results. Return the results dict.
+
+    With `resume`, the run continues from the state in ``run.output_dir``.
+    Finished tasks are skipped, and a task that finished training is
+    evaluated from its task-end state. The current task continues from its
+    newest checkpoint of this run, or from its start when there is none.
+    """
     run_config = config.run
     threshold = run_config["threshold"]
     trainer_class, arguments_class = resolve_trainer_classes(threshold)
@@ -240,11 +324,15 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     ]
     first = task_arguments[0]
     is_main = first.process_index == 0
+    # Check the output folder, LoT config, optimizer, model and tokenizer before loading data or writing files.
+    check_run_inputs(config, task_arguments, resolve_model_path)
+    saved_results = _read_saved_results(run_config["output_dir"], resume)
     if first.world_size > 1:
         logger.info("Process %d of %d (device %s).", first.process_index, first.world_size, first.device)
 
     with first.main_process_first(desc="loading task data"):
         tasks, num_labels = prepare_tasks(config.tasks, config.model["num_labels"], seed=run_config["seed"])
+    check_classification_head(config.model, num_labels, resolve_model_path)
     model, tokenizer = build_model_and_tokenizer(config.model, num_labels, run_config["seed"])
     with first.main_process_first(desc="tokenizing"):
         tokenized = [tokenize_task_data(task, tokenizer, config.model["max_length"]) for task in tasks]
@@ -275,6 +363,11 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     results = ContinualResults(config.to_dict(), task_info, [layer.name for layer in layers], threshold, num_labels)
     results.extra["world_size"] = first.world_size
     results.extra["timing"] = {"train_s": [], "eval_s": [], "total_s": None}
+    if saved_results is not None:
+        results = _restore_results(saved_results, results, run_config["output_dir"])
+    else:
+        results.extra["run_id"] = new_run_id()
+    run_id = results.extra["run_id"]
     if is_main:
         logger.info(
             "%d tasks, num_labels=%d, threshold %s, %d layers. Writing results to %s.",
@@ -284,14 +377,24 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
             len(layers),
             run_config["output_dir"],
         )
-        results.save(run_config["output_dir"], plots=False)
+        if saved_results is None:
+            # The config first, so a folder with the results.json of a run also contains the config to resume it.
+            write_config(run_config["output_dir"], to_json_safe(config.to_dict()))
+            results.save(run_config["output_dir"], plots=False)
+        else:
+            remove_temporary_files(run_config["output_dir"])
 
     started = time.perf_counter()
     optimizer = None
     controller = None
-    step_offset = 0
+    first_task = results.tasks_completed
+    step_offset = results.task_boundaries[-1] if results.task_boundaries else 0
+    # When resuming after a finished task, its task-end state carries the model, Adam state and controller over.
+    carried_state = _task_end_dir(task_arguments[first_task - 1]) if first_task > 0 else None
     eval_indices_all = list(range(len(tasks)))
     for index, (task, arguments) in enumerate(zip(tasks, task_arguments)):
+        if index < first_task:
+            continue
         if is_main:
             logger.info(
                 "Task %d/%d %r: %d train and %d eval examples, %d classes.",
@@ -307,6 +410,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         if run_config["reset_lot_state"]:
             controller = None
         extra = {"lot_controller": controller} if threshold else {}
+        recorder = LearningRateRecorder(results, layers, index, step_offset, run_id=run_id)
         trainer = trainer_class(
             model=model,
             args=arguments,
@@ -314,16 +418,48 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
             data_collator=collator,
             processing_class=tokenizer,
             optimizers=(optimizer, None),
-            callbacks=[LearningRateRecorder(results, layers, index, step_offset)],
+            callbacks=[recorder],
             **extra,
         )
+        trainer.loss_recorder = recorder
         if not model_takes_item_count:
             trainer.model_accepts_loss_kwargs = False
 
-        task_started = time.perf_counter()
-        train_output = trainer.train()
-        train_seconds = time.perf_counter() - task_started
-        summary = _train_summary(train_output, trainer, threshold, index)
+        task_end = _task_end_dir(arguments)
+        end_record = load_task_end(task_end, run_id, index) if saved_results is not None else None
+        if end_record is None and carried_state is not None:
+            _restore_state(trainer, carried_state, run_id, index - 1, run_config, threshold)
+        carried_state = None
+        if end_record is not None:
+            # Trained before the interruption but not evaluated: restore the trained state instead of training.
+            _note_resume(results, index, "task_end", end_record["summary"]["steps"], is_main, run_config["output_dir"])
+            _restore_state(trainer, task_end, run_id, index, run_config, threshold, same_task=True)
+            summary, train_seconds = end_record["summary"], end_record["train_s"]
+            for step, rates in end_record["learning_rates"]:
+                results.record_learning_rates(step, index, rates)
+        else:
+            checkpoint = None
+            if saved_results is not None and index == first_task:
+                found = find_checkpoint(arguments.output_dir, run_id, index)
+                source, step = ("checkpoint", len(found[1]["task_records"])) if found else ("task_start", 0)
+                _note_resume(results, index, source, step, is_main, run_config["output_dir"])
+                if found is not None:
+                    checkpoint, checkpoint_records = found
+                    recorder.load_state(checkpoint_records)
+            task_started = time.perf_counter()
+            train_output = trainer.train(resume_from_checkpoint=checkpoint)
+            train_seconds = time.perf_counter() - task_started
+            summary = _train_summary(train_output, trainer, threshold, index, recorder)
+            if is_main:
+                end_record = {
+                    "run_id": run_id,
+                    "task_index": index,
+                    "summary": summary,
+                    "train_s": train_seconds,
+                    "learning_rates": recorder.task_records,
+                }
+                controller_state = trainer.lot_controller if threshold else None
+                save_task_end(task_end, end_record, model, unwrap_optimizer(trainer.optimizer), controller_state)
         step_offset += summary["steps"]
         results.record_training(index, summary)
 
@@ -345,11 +481,11 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         if is_main:
             row = results.accuracy[index]
             logger.info(
-                "Task %r done in %.1f s (eval %.1f s): train loss %.4f, rho %s, accuracy %s.",
+                "Task %r done in %.1f s (eval %.1f s): train loss %s, rho %s, accuracy %s.",
                 task.spec.name,
                 train_seconds,
                 eval_seconds,
-                summary["train_loss"],
+                "-" if summary["train_loss"] is None else f"{summary['train_loss']:.4f}",
                 summary["rho"],
                 ", ".join(f"{tasks[j].spec.name}={row[j]:.3f}" for j in indices),
             )
@@ -357,9 +493,129 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
                 results.status = "complete"
                 results.extra["timing"]["total_s"] = time.perf_counter() - started
             results.save(run_config["output_dir"], plots=run_config["plots"])
+            # Once results.json counts this task, earlier task-end states are no longer needed, and after
+            # the last task none is.
+            last_needed = index if index < len(tasks) - 1 else len(tasks)
+            for earlier in range(last_needed):
+                remove_task_end(_task_end_dir(task_arguments[earlier]))
         del trainer
 
+    if is_main and run_config["plots"]:
+        write_run_report(run_config["output_dir"])
     return results.to_dict()
+
+
+def write_run_report(output_dir: str) -> None:
+    """Write the HTML report of the finished run. A failure is logged, not raised, because results.json is complete."""
+    try:
+        logger.info("Report: %s", write_report(output_dir))
+    except (OSError, ValueError) as error:
+        logger.error("Writing the report failed: %s. Retry with `python -m hf_lot.report %s`.", error, output_dir)
+
+
+def _read_saved_results(output_dir: str, resume: bool) -> dict[str, Any] | None:
+    """Return the ``results.json`` of the run to resume, or None for a new run.
+
+    A new run in a folder that contains an unfinished run raises `ConfigError`,
+    so that its state is not overwritten by mistake. With `resume` and no
+    ``results.json`` (a run killed before its first write), the run starts
+    from the beginning.
+    """
+    path = os.path.join(output_dir, RESULTS_FILE)
+    saved = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    if resume:
+        if saved is not None and "run_id" not in saved:
+            raise ConfigError(f"{path} was written without resume information (no run_id), so the run cannot resume.")
+        return saved
+    if saved is not None and saved.get("status") == "running" and os.path.isfile(os.path.join(output_dir, CONFIG_FILE)):
+        raise ConfigError(
+            f"run.output_dir={output_dir!r} contains an unfinished run ({saved.get('tasks_completed')} of "
+            f"{len(saved.get('tasks', []))} tasks done). Continue it with `--resume {output_dir}`, or set "
+            "run.output_dir to another folder, or delete the folder to start again."
+        )
+    return None
+
+
+def _restore_results(saved: dict[str, Any], fresh: ContinualResults, output_dir: str) -> ContinualResults:
+    """Rebuild the results of the run to resume, after checking that they describe the same tasks and layers."""
+    results = ContinualResults.from_dict(saved)
+    for key, current, stored in (
+        ("tasks", to_json_safe(fresh.tasks), results.tasks),
+        ("layer_names", fresh.layer_names, results.layer_names),
+        ("num_labels", fresh.num_labels, results.num_labels),
+        ("threshold", fresh.threshold, results.threshold),
+    ):
+        if current != stored:
+            raise ConfigError(
+                f"The run in {output_dir} cannot resume: its results.json has {key}={stored!r}, but the data and "
+                f"model now give {current!r}. Restore the original task data or model, or start a new run."
+            )
+    if results.extra.get("world_size") != fresh.extra["world_size"]:
+        logger.warning(
+            "The run started with %s process(es) and resumes with %d, so data order and results will differ from "
+            "an uninterrupted run.",
+            results.extra.get("world_size"),
+            fresh.extra["world_size"],
+        )
+        results.extra["world_size"] = fresh.extra["world_size"]
+    if results.tasks_completed < len(results.tasks):
+        results.status = "running"
+    else:
+        logger.info("The run in %s is already complete; nothing is trained.", output_dir)
+    results.extra.setdefault("resumes", [])
+    results.extra.setdefault("timing", {"train_s": [], "eval_s": [], "total_s": None})
+    results.extra["timing"]["total_s"] = None
+    return results
+
+
+def _task_end_dir(arguments: Any) -> str:
+    return os.path.join(arguments.output_dir, TASK_END_DIR)
+
+
+def _restore_state(
+    trainer: Any,
+    directory: str,
+    run_id: str,
+    task_index: int,
+    run_config: dict[str, Any],
+    threshold: bool,
+    same_task: bool = False,
+) -> None:
+    """Load a task-end state into a new trainer: the model, the optimizer and the controller.
+
+    For the next task (`same_task` False), the optimizer and controller are
+    left fresh when ``run.reset_optimizer`` or ``run.reset_lot_state`` is
+    true, as in an uninterrupted run.
+    """
+    if load_task_end(directory, run_id, task_index) is None:
+        raise FileNotFoundError(
+            f"The state after task {task_index} ({directory}) is missing, so the run cannot continue. Start a new run."
+        )
+    optimizer = None
+    if same_task or not run_config["reset_optimizer"]:
+        trainer.create_optimizer()
+        optimizer = unwrap_optimizer(trainer.optimizer)
+    controller = None
+    if threshold and (same_task or not run_config["reset_lot_state"]):
+        controller = trainer.lot_controller
+    restore_task_end(directory, trainer.model, optimizer, controller)
+
+
+def _note_resume(
+    results: ContinualResults, task_index: int, source: str, step: int, is_main: bool, output_dir: str
+) -> None:
+    """Record in results.json where the run continues: from a task-end state, a checkpoint or the start of a task.
+
+    The results are written before the task's own records are restored, so
+    results.json never contains records of an unfinished task.
+    """
+    results.extra["resumes"].append({"task": task_index, "from": source, "step": step})
+    if is_main:
+        logger.info("Resuming task %d from %s at step %d of the task.", task_index, source.replace("_", " "), step)
+        results.save(output_dir, plots=False)
 
 
 def _collect_lot_history(
@@ -396,8 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     _configure_logging(rank == 0)
     try:
-        config = load_experiment_config(arguments.config, arguments.overrides)
-        results = run(config)
+        if arguments.resume is not None:
+            config = load_experiment_config(read_config(arguments.resume))
+            # The folder may have moved since the run started, and the run's state is where it is now.
+            config.run["output_dir"] = arguments.resume
+        else:
+            config = load_experiment_config(arguments.config, arguments.overrides)
+        results = run(config, resume=arguments.resume is not None)
         if rank == 0:
             print()
             print(format_summary_table(results))
