@@ -41,6 +41,7 @@ __all__ = [
     "load_task_end",
     "new_run_id",
     "read_config",
+    "remove_checkpoints",
     "remove_task_end",
     "restore_task_end",
     "save_task_end",
@@ -208,6 +209,24 @@ def remove_task_end(directory: str) -> None:
 
 
 # -- Trainer checkpoints inside a task -----------------------------------------------
+
+
+def remove_checkpoints(task_output_dir: str) -> list[str]:
+    """Delete the Trainer checkpoints of a task whose task-end state has been written. Return their paths.
+
+    The task-end state supersedes them, and each contains the model and twice its
+    size of Adam state, so keeping them would multiply the output folder's size
+    by the number of tasks.
+    """
+    removed = []
+    if not os.path.isdir(task_output_dir):
+        return removed
+    for name in sorted(os.listdir(task_output_dir)):
+        path = os.path.join(task_output_dir, name)
+        if _checkpoint_step(name) is not None and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def _checkpoint_step(name: str) -> int | None:

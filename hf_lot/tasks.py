@@ -795,7 +795,16 @@ def tokenize_task_data(task: TaskData, tokenizer: Any, max_length: int) -> tuple
 # -- experiment config ---------------------------------------------------
 
 MODEL_KEYS = ("name_or_path", "tokenizer", "num_labels", "max_length", "attn_implementation")
-RUN_KEYS = ("output_dir", "seed", "threshold", "reset_optimizer", "reset_lot_state", "evaluate_all_tasks", "plots")
+RUN_KEYS = (
+    "output_dir",
+    "seed",
+    "threshold",
+    "reset_optimizer",
+    "reset_lot_state",
+    "evaluate_all_tasks",
+    "plots",
+    "save_model",
+)
 SECTIONS = ("model", "tasks", "training", "lot", "run")
 RUN_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/continual",
@@ -805,6 +814,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "reset_lot_state": False,
     "evaluate_all_tasks": False,
     "plots": True,
+    "save_model": True,
 }
 MODEL_DEFAULTS: dict[str, Any] = {
     "tokenizer": None,
@@ -1013,7 +1023,7 @@ def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
     _check_model_fields(model)
 
     run = {**RUN_DEFAULTS, **_check_keys("run", raw.get("run"), RUN_KEYS)}
-    for key in ("threshold", "reset_optimizer", "reset_lot_state", "evaluate_all_tasks", "plots"):
+    for key in ("threshold", "reset_optimizer", "reset_lot_state", "evaluate_all_tasks", "plots", "save_model"):
         if not isinstance(run[key], bool):
             _fail(f"run.{key}", run[key], "expected true or false", f"Set run.{key} to true or false.")
     if isinstance(run["seed"], bool) or not isinstance(run["seed"], int):

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging as std_logging
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -62,6 +63,7 @@ from hf_lot.resume import (
     load_task_end,
     new_run_id,
     read_config,
+    remove_checkpoints,
     remove_task_end,
     restore_task_end,
     save_task_end,
@@ -75,6 +77,8 @@ logger = logging.get_logger("continual_finetune")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.yaml")
+# Folder under run.output_dir for the model and tokenizer after the last task.
+FINAL_MODEL_DIR = "model"
 
 
 
@@ -460,6 +464,9 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
                 }
                 controller_state = trainer.lot_controller if threshold else None
                 save_task_end(task_end, end_record, model, unwrap_optimizer(trainer.optimizer), controller_state)
+        if is_main:
+            # The task-end state supersedes the task's checkpoints, which hold three copies of the model each.
+            remove_checkpoints(arguments.output_dir)
         step_offset += summary["steps"]
         results.record_training(index, summary)
 
@@ -500,9 +507,28 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
                 remove_task_end(_task_end_dir(task_arguments[earlier]))
         del trainer
 
+    if is_main and run_config["save_model"]:
+        path = save_final_model(model, tokenizer, run_config["output_dir"])
+        logger.info("Final model and tokenizer: %s", path)
     if is_main and run_config["plots"]:
         write_run_report(run_config["output_dir"])
     return results.to_dict()
+
+
+def save_final_model(model: Any, tokenizer: Any, output_dir: str) -> str:
+    """Save the model and tokenizer after the last task to ``<output_dir>/model``. Return that path.
+
+    The folder is written under a temporary name and renamed, so a kill leaves
+    either no model folder or a complete one.
+    """
+    path = os.path.join(output_dir, FINAL_MODEL_DIR)
+    temporary = path + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(temporary, path)
+    return path
 
 
 def write_run_report(output_dir: str) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoModelForSequenceClassification
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "continual_finetune.py")
@@ -107,6 +108,13 @@ def check_results(output_dir, threshold, world_size=1):
             assert handle.read(8) == PNG_SIGNATURE
     leftovers = [name for name in os.listdir(output_dir) if name.endswith(".tmp") or name.endswith(".tmp.png")]
     assert leftovers == []
+
+    # The final model replaces the per-task checkpoints and task-end states.
+    checkpoints = [root for root, _, _ in os.walk(output_dir / "tasks") if os.path.basename(root).startswith("checkpoint-")]
+    assert checkpoints == []
+    saved = AutoModelForSequenceClassification.from_pretrained(output_dir / "model")
+    assert saved.config.num_labels == results["num_labels"]
+    assert os.path.isfile(output_dir / "model" / "tokenizer_config.json")
     return results
 
 
