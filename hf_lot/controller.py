@@ -262,7 +262,9 @@ class LoTController:
 
     # -- the update ---------------------------------------------------------
 
-    def update(self, optimizer: torch.optim.Optimizer, sharpness: Sequence[float] | None) -> dict[str, Any] | None:
+    def update(
+        self, optimizer: torch.optim.Optimizer, sharpness: Sequence[float] | None, gradient_scale: float = 1.0
+    ) -> dict[str, Any] | None:
         """Compute the bounds for the interval that ends now and change the layer factors.
 
         Args:
@@ -270,6 +272,11 @@ class LoTController:
                 step's `optimizer.step()`.
             sharpness: Top eigenvalue of each layer's Hessian block on the
                 current minibatch, or None when curvature is off.
+            gradient_scale: Factor between the gradients Adam receives and
+                the step gradient ``G``, for example the accumulation steps
+                when `Trainer` does not divide a mean loss by them. Adam's
+                second moment grows with its square, so ``alpha_l`` and
+                ``alpha_agg`` are multiplied by it to refer to ``G``.
 
         Returns:
             The history record of this measurement, or None when this step was
@@ -282,7 +289,7 @@ class LoTController:
         config = self.config
         num_layers = len(self.layers)
 
-        alpha = self.effective_steps(optimizer)
+        alpha = self.effective_steps(optimizer) * gradient_scale
 
         if self._noise_steps:
             squared_norm = (self._noise_squared_norm / self._noise_steps).float()
@@ -297,7 +304,7 @@ class LoTController:
         normalized = torch.full((num_layers,), math.nan)
         volatility_values = torch.zeros(num_layers)
         if sharpness is not None:
-            scales = self.sharpness_scales(optimizer)
+            scales = self.sharpness_scales(optimizer) * gradient_scale
             for index in range(num_layers):
                 value = float(scales[index]) * float(sharpness[index])
                 if not math.isfinite(value):

@@ -22,6 +22,8 @@ so the sharpness measured after the resume differs from an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -37,7 +39,9 @@ from .results import write_json_atomic
 __all__ = [
     "CONFIG_FILE",
     "TASK_END_DIR",
+    "RunFolderInUseError",
     "find_checkpoint",
+    "hold_run_lock",
     "load_task_end",
     "new_run_id",
     "read_config",
@@ -52,6 +56,8 @@ logger = logging.get_logger(__name__)
 
 CONFIG_FILE = "config.yaml"
 TASK_END_DIR = "task_end"
+# Held with flock by the process that writes a run folder; the kernel releases it when the process dies.
+RUN_LOCK_FILE = ".run.lock"
 TASK_RECORD_FILE = "task_record.json"
 MODEL_STATE_FILE = "model.pt"
 OPTIMIZER_STATE_FILE = "optimizer.pt"
@@ -62,6 +68,48 @@ CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Class name under which Trainer stores the recorder's exported state in trainer_state.json.
 RECORDER_STATE_NAME = "LearningRateRecorder"
+
+
+class RunFolderInUseError(RuntimeError):
+    """Another live process holds the lock of the run folder."""
+
+
+@contextlib.contextmanager
+def hold_run_lock(output_dir: str):
+    """Hold an exclusive lock on the run folder while the run writes to it.
+
+    A second run or ``--resume`` on the same folder would interleave its
+    checkpoints and results with the first one's, so it raises
+    `RunFolderInUseError` instead. The lock is an advisory ``flock`` on
+    ``.run.lock``, released by the kernel when the process dies, so a killed
+    run never leaves a stale lock. The file is deleted on exit.
+
+    NOTE: ``flock`` is only reliable on local file systems; on NFS two hosts
+    may both acquire it.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, RUN_LOCK_FILE)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RunFolderInUseError(
+                f"{output_dir} is in use by a running process ({owner}). Wait for it to finish or stop it, "
+                "then run again or resume with --resume."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            os.unlink(path)
+    finally:
+        handle.close()
 
 
 def new_run_id() -> str:

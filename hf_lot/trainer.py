@@ -409,7 +409,8 @@ class LoTTrainer(Trainer):
 
         if controller.is_measurement_step():
             sharpness = self._measure_sharpness(model, inputs) if self.lot_config.curvature else None
-            record = controller.update(raw_optimizer, sharpness)
+            # Adam receives the gradients after AMP unscaling, so only the loss-scaling part of the factor applies.
+            record = controller.update(raw_optimizer, sharpness, gradient_scale=combined_scale / self._amp_scale())
             if record is not None:
                 if isinstance(self.lr_scheduler, LayerwiseLRScheduler):
                     self.lr_scheduler.apply_factors()

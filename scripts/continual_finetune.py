@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune one sequence classifier on a sequence of tasks and measure accuracy and forgetting.
+"""Fine-tune one classifier on a sequence of tasks and measure accuracy and forgetting.
 
 Usage:
     python scripts/continual_finetune.py [--config configs/default.yaml] [key=value ...]
@@ -25,6 +25,7 @@ continues from its newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -41,6 +42,7 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
+    default_data_collator,
     set_seed,
 )
 from transformers.utils import logging
@@ -59,7 +61,9 @@ from hf_lot.results import (
 from hf_lot.resume import (
     CONFIG_FILE,
     TASK_END_DIR,
+    RunFolderInUseError,
     find_checkpoint,
+    hold_run_lock,
     load_task_end,
     new_run_id,
     read_config,
@@ -69,7 +73,17 @@ from hf_lot.resume import (
     save_task_end,
     write_config,
 )
-from hf_lot.tasks import ConfigError, ExperimentConfig, TaskSpec, load_experiment_config, prepare_tasks, tokenize_task_data
+from hf_lot.models import MLPConfig, MLPForImageClassification
+from hf_lot.tasks import (
+    BUILTIN_MLP,
+    ConfigError,
+    ExperimentConfig,
+    TaskSpec,
+    format_image_task_data,
+    load_experiment_config,
+    prepare_tasks,
+    tokenize_task_data,
+)
 from hf_lot.report import write_report
 from hf_lot.validation import check_classification_head, check_run_inputs
 
@@ -153,9 +167,15 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def build_model_and_tokenizer(model_config: dict[str, Any], num_labels: int, seed: int):
-    """Load or build the classifier with `num_labels` outputs, and its tokenizer. `seed` seeds new weights."""
+    """Load or build the classifier with `num_labels` outputs, and its tokenizer. `seed` seeds new weights.
+
+    The tokenizer is None for ``builtin:mlp``, the image classifier.
+    """
     name = model_config["name_or_path"]
     set_seed(seed)
+    if name == BUILTIN_MLP:
+        mlp_config = MLPConfig(activation=model_config.get("activation") or "relu", num_labels=num_labels)
+        return MLPForImageClassification(mlp_config), None
     extra = {}
     if model_config["attn_implementation"] is not None:
         extra["attn_implementation"] = model_config["attn_implementation"]
@@ -338,9 +358,14 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         tasks, num_labels = prepare_tasks(config.tasks, config.model["num_labels"], seed=run_config["seed"])
     check_classification_head(config.model, num_labels, resolve_model_path)
     model, tokenizer = build_model_and_tokenizer(config.model, num_labels, run_config["seed"])
-    with first.main_process_first(desc="tokenizing"):
-        tokenized = [tokenize_task_data(task, tokenizer, config.model["max_length"]) for task in tasks]
-    collator = DataCollatorWithPadding(tokenizer)
+    if tokenizer is None:
+        # Image tasks: fixed-size pixel_values, so batches need no padding.
+        tokenized = [format_image_task_data(task) for task in tasks]
+        collator = default_data_collator
+    else:
+        with first.main_process_first(desc="tokenizing"):
+            tokenized = [tokenize_task_data(task, tokenizer, config.model["max_length"]) for task in tasks]
+        collator = DataCollatorWithPadding(tokenizer)
     metric = load_accuracy_metric()
     # With a model that ignores num_items_in_batch, Trainer must treat it as a model without loss
     # kwargs, so that loss and gradient are means over the optimizer step (see the helper).
@@ -509,14 +534,14 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
 
     if is_main and run_config["save_model"]:
         path = save_final_model(model, tokenizer, run_config["output_dir"])
-        logger.info("Final model and tokenizer: %s", path)
+        logger.info("Final model%s: %s", "" if tokenizer is None else " and tokenizer", path)
     if is_main and run_config["plots"]:
         write_run_report(run_config["output_dir"])
     return results.to_dict()
 
 
 def save_final_model(model: Any, tokenizer: Any, output_dir: str) -> str:
-    """Save the model and tokenizer after the last task to ``<output_dir>/model``. Return that path.
+    """Save the model and tokenizer (if not None) after the last task to ``<output_dir>/model``. Return that path.
 
     The folder is written under a temporary name and renamed, so a kill leaves
     either no model folder or a complete one.
@@ -525,7 +550,8 @@ def save_final_model(model: Any, tokenizer: Any, output_dir: str) -> str:
     temporary = path + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(temporary)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(temporary, path)
     return path
@@ -673,6 +699,17 @@ def _configure_logging(is_main: bool) -> None:
     datasets.disable_progress_bars()
 
 
+def _run_lock(output_dir: Any, rank: int) -> contextlib.AbstractContextManager:
+    """Return the lock that keeps a second process from writing the same run folder.
+
+    Only the main process writes files, so only it takes the lock. A folder
+    path that is not a folder yet is left to `run`'s input checks.
+    """
+    if rank != 0 or not isinstance(output_dir, str) or (os.path.exists(output_dir) and not os.path.isdir(output_dir)):
+        return contextlib.nullcontext()
+    return hold_run_lock(output_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
@@ -684,12 +721,13 @@ def main(argv: list[str] | None = None) -> int:
             config.run["output_dir"] = arguments.resume
         else:
             config = load_experiment_config(arguments.config, arguments.overrides)
-        results = run(config, resume=arguments.resume is not None)
+        with _run_lock(config.run["output_dir"], rank):
+            results = run(config, resume=arguments.resume is not None)
         if rank == 0:
             print()
             print(format_summary_table(results))
             print(f"results: {os.path.join(config.run['output_dir'], 'results.json')}")
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, RunFolderInUseError) as error:
         logger.error("%s", error)
         return 2
     finally:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hf_lot.results import ContinualResults
-from hf_lot.resume import find_checkpoint
+from hf_lot.resume import RunFolderInUseError, find_checkpoint, hold_run_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO_ROOT, "tests", "resume_worker.py")
@@ -292,3 +292,42 @@ def test_results_round_trip_through_json(tmp_path):
     assert restored.tasks_completed == 1
     assert restored.to_dict() == saved
     assert restored.extra == {"run_id": "r", "timing": {"train_s": [1.0], "eval_s": [0.5], "total_s": None}}
+
+
+# -- run folder lock -------------------------------------------------------------
+
+
+def test_run_lock_rejects_second_holder(tmp_path):
+    with hold_run_lock(str(tmp_path)) as path:
+        assert os.path.isfile(path)
+        with pytest.raises(RunFolderInUseError, match=f"pid {os.getpid()}"):
+            with hold_run_lock(str(tmp_path)):
+                pass
+    assert not os.path.exists(path)
+
+
+def test_run_lock_free_after_release(tmp_path):
+    with hold_run_lock(str(tmp_path)):
+        pass
+    with hold_run_lock(str(tmp_path)) as path:
+        assert os.path.isfile(path)
+
+
+def test_resume_rejected_while_running(tmp_path, caplog):
+    """A --resume on a folder locked by a live run exits with code 2 before touching it."""
+    script = os.path.join(REPO_ROOT, "scripts", "continual_finetune.py")
+    spec = importlib.util.spec_from_file_location("continual_finetune_lock", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    with open(TINY_CONFIG, encoding="utf-8") as handle:
+        config_text = handle.read()
+    (output_dir / "config.yaml").write_text(config_text, encoding="utf-8")
+
+    with hold_run_lock(str(output_dir)):
+        code = module.main(["--resume", str(output_dir)])
+
+    assert code == 2
+    assert "is in use by a running process" in caplog.text
+    assert sorted(os.listdir(output_dir)) == ["config.yaml"]

@@ -629,6 +629,40 @@ def test_bert_trains_with_accumulation(tmp_path):
     assert changed
 
 
+def test_effective_step_ignores_loss_scaling(tmp_path):
+    """BERT accepts but ignores num_items_in_batch, so Trainer leaves its accumulated gradient 2x the mean.
+
+    Adam's second moment is then 4x larger. The effective step and the normalized sharpness must
+    still refer to the mean gradient, as in a run where Trainer divides the loss itself.
+    """
+    args = dict(
+        per_device_train_batch_size=BERT_BATCH, gradient_accumulation_steps=2, max_steps=2, max_grad_norm=0.0,
+        lot_preset="monitor", lot_interval=1, lot_hvp_cold_iterations=30, lot_hvp_iterations=30,
+        # Adam's eps enters as eps / scale after the correction; a tiny eps keeps it below sqrt(v) in every layer.
+        adam_epsilon=1e-14,
+    )  # fmt: skip
+    histories = {}
+    for divides in (False, True):
+        trainer = LoTTrainer(
+            model=build_bert(), args=lot_args(tmp_path / str(divides), **args), train_dataset=build_token_dataset()
+        )
+        if divides:
+            trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        histories[divides] = trainer.lot_controller.history
+
+    assert len(histories[False]) == len(histories[True]) == 2
+    # The first measurement comes before any Adam step, so only the second has effective steps.
+    scaled, divided = histories[False][1], histories[True][1]
+    for name, layer in divided["layers"].items():
+        assert math.isfinite(layer["alpha"]), name
+        assert scaled["layers"][name]["alpha"] == pytest.approx(layer["alpha"], rel=1e-3), name
+        assert scaled["layers"][name]["alpha_noise"] == pytest.approx(layer["alpha_noise"], rel=1e-3), name
+        assert scaled["layers"][name]["normalized_sharpness"] == pytest.approx(
+            layer["normalized_sharpness"], rel=2e-2
+        ), name
+
+
 # -- TensorBoard -----------------------------------------------------------------
 
 
