@@ -408,7 +408,11 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         )
         if saved_results is None:
             # The config first, so a folder with the results.json of a run also contains the config to resume it.
-            write_config(run_config["output_dir"], to_json_safe(config.to_dict()))
+            saved_config = config.to_dict()
+            if threshold and config.lot.get("config") is not None:
+                # The saved LoT config may change after this run starts; --resume must use the options in effect now.
+                saved_config["lot"] = first.to_lot_config().to_dict()
+            write_config(run_config["output_dir"], to_json_safe(saved_config))
             results.save(run_config["output_dir"], plots=False)
         else:
             remove_temporary_files(run_config["output_dir"])

@@ -331,3 +331,27 @@ def test_resume_rejected_while_running(tmp_path, caplog):
     assert code == 2
     assert "is in use by a running process" in caplog.text
     assert sorted(os.listdir(output_dir)) == ["config.yaml"]
+
+
+def test_saved_config_resolves_lot_config(tmp_path):
+    """config.yaml records the options loaded from lot.config, so editing that folder later cannot change a resume."""
+    import yaml
+
+    from hf_lot import LoTConfig
+
+    script = os.path.join(REPO_ROOT, "scripts", "continual_finetune.py")
+    spec = importlib.util.spec_from_file_location("continual_finetune_saved_lot", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    LoTConfig(cool_factor=0.5, interval=2).save_pretrained(tmp_path / "lot")
+    output_dir = tmp_path / "run"
+    overrides = [f"run.output_dir={output_dir}", f"lot.config={tmp_path / 'lot'}", "run.plots=false"]
+
+    code = module.main(["--config", TINY_CONFIG, *overrides])
+    LoTConfig(cool_factor=0.9, interval=2).save_pretrained(tmp_path / "lot")
+
+    assert code == 0
+    with open(output_dir / "config.yaml", encoding="utf-8") as handle:
+        lot_section = yaml.safe_load(handle)["lot"]
+    assert "config" not in lot_section
+    assert lot_section["cool_factor"] == 0.5
