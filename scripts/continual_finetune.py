@@ -725,8 +725,16 @@ def main(argv: list[str] | None = None) -> int:
             config.run["output_dir"] = arguments.resume
         else:
             config = load_experiment_config(arguments.config, arguments.overrides)
-        with _run_lock(config.run["output_dir"], rank):
-            results = run(config, resume=arguments.resume is not None)
+        try:
+            with _run_lock(config.run["output_dir"], rank):
+                results = run(config, resume=arguments.resume is not None)
+        except KeyboardInterrupt:
+            # Checkpoints, task-end states and results.json are written atomically, so the folder can resume.
+            if rank == 0:
+                logger.error(
+                    "Interrupted. Continue the run with: python %s --resume %s", sys.argv[0], config.run["output_dir"]
+                )
+            return 130
         if rank == 0:
             print()
             print(format_summary_table(results))

@@ -355,3 +355,29 @@ def test_saved_config_resolves_lot_config(tmp_path):
         lot_section = yaml.safe_load(handle)["lot"]
     assert "config" not in lot_section
     assert lot_section["cool_factor"] == 0.5
+
+
+def test_interrupted_run_names_resume_command(tmp_path):
+    """Ctrl-C (SIGINT) mid-task exits with 130 and logs the command that continues the run."""
+    output_dir = tmp_path / "out"
+    marker = tmp_path / "marker"
+    arguments = ["--config", TINY_CONFIG, *OVERRIDES, f"run.output_dir={output_dir}"]
+    process = subprocess.Popen(
+        worker_command("after-checkpoint:0:2", arguments),
+        cwd=REPO_ROOT,
+        env=worker_env(tmp_path, RESUME_WORKER_MARKER=str(marker)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + HANG_TIMEOUT_S
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached checkpoint 2 of task 0"
+
+    os.kill(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=HANG_TIMEOUT_S)
+
+    assert process.returncode == 130
+    assert f"--resume {output_dir}" in stderr
+    assert not (output_dir / ".run.lock").exists()
