@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         path = write_report(arguments.output_dir, arguments.report_dir)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
+        # OSError covers a missing results.json and a report folder that cannot be created, such as a file path.
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(path)

