@@ -22,7 +22,7 @@ def drop_layer_values(logs: dict[str, Any]) -> dict[str, Any]:
     """Return ``logs`` without the per-layer keys ``lot/<statistic>/<layer>``.
 
     The count of dropped keys goes in ``lot/layer_values`` so the console line
-    says that more values went to the loggers.
+    shows that more values went to the loggers.
     """
     kept: dict[str, Any] = {}
     dropped = 0

@@ -18,7 +18,7 @@ derivative), ``H_ll v`` comes from finite differences of ordinary gradients,
 
     H_ll v ~= (g_l(theta + eps v) - g_l(theta - eps v)) / (2 eps),
 
-where only layer ``l`` is perturbed, so the difference sees the diagonal
+where only layer ``l`` is perturbed, so the difference contains the diagonal
 block alone. Each product costs two forward and backward passes (one with
 the forward-difference variant, which reuses ``g_l(theta)``). The error is
 ``O(eps^2)`` from the third derivative plus ``O(u |g| / eps)`` from rounding,

@@ -1,8 +1,8 @@
 """Per-layer squared gradient norms when parameters are sharded across ranks (FSDP).
 
-Under FSDP each rank holds a shard of every sharded tensor, so the squared
+Under FSDP each rank stores a shard of every sharded tensor, so the squared
 norm of a layer's gradient is the sum over ranks of the squared norms of the
-local shards. Tensors that every rank holds in full (replicated DTensor
+local shards. Tensors that every rank stores in full (replicated DTensor
 placements, or plain tensors that FSDP does not manage) would be counted once
 per rank, so their local squared norm is divided by the number of copies
 before the sum. Only ``L`` float64 scalars per call cross the network.
@@ -30,8 +30,8 @@ def layer_squared_norms_of_shards(layer_shards: Sequence[Sequence[tuple[torch.Te
 
     Args:
         layer_shards: Per layer, ``(local_tensor, copies)`` pairs. ``copies``
-            is the number of ranks that hold the same values (1 for a shard
-            that no other rank holds, the world size for a replicated tensor).
+            is the number of ranks that store the same values (1 for a shard
+            that no other rank stores, the world size for a replicated tensor).
 
     Summed over all ranks, the result is the squared norm of each layer's full
     tensors, because every element is held by ``copies`` ranks and each adds

@@ -31,10 +31,10 @@ All measurements run in one process. The sections are:
 4. sweep: the overhead section on randomly initialized BERTs of growing depth
    and width.
 
-Memory on CPU is the peak resident set size (RSS, sampled every 2 ms from
-/proc/self/statm by a thread) above the RSS at the start of each timed block,
-plus the tensors that LoT keeps between steps (the warm-start eigenvectors),
-counted from their sizes. glibc's mmap threshold is fixed at 128 KiB so that
+Memory on CPU is the peak resident set size (RSS) above the RSS at the start
+of each timed block. A thread samples the RSS every 2 ms from /proc/self/statm.
+The tensors that LoT keeps between steps (the warm-start eigenvectors) are
+added, counted from their sizes. glibc's mmap threshold is fixed at 128 KiB so that
 freed tensors return to the system and the RSS falls between blocks. On CUDA
 it is `torch.cuda.max_memory_allocated` above the allocation at the start of
 the block.
