@@ -45,6 +45,31 @@ __all__ = ["LoTTrainer", "unwrap_optimizer"]
 logger = logging.get_logger(__name__)
 
 
+def loss_depends_on_item_count(model: nn.Module, loss_at: Any, num_items: int) -> bool:
+    """Return whether a model's loss is ``sum / num_items_in_batch`` rather than a plain mean.
+
+    `Trainer` passes ``num_items_in_batch`` to every model whose forward
+    accepts ``**kwargs``, then skips its division by the accumulation steps.
+    Some models (BERT sequence classification in transformers 5.25, for one)
+    accept the argument and ignore it. `loss_at(n)` returns the loss of one
+    fixed batch with ``num_items_in_batch=n``. It runs twice, in eval mode and
+    without gradients, with `num_items` and twice that, and the loss must
+    change. A model whose forward rejects the argument (TypeError) counts as
+    not normalizing.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first = float(loss_at(num_items))
+            second = float(loss_at(2 * num_items))
+    except TypeError:
+        return False
+    finally:
+        model.train(was_training)
+    return not math.isclose(first, second, rel_tol=1e-4, abs_tol=1e-12)
+
+
 def _count_items(inputs: dict[str, Any], shifts_labels: bool) -> int:
     """Count the items behind a micro-batch's loss: label positions that are not -100, else examples."""
     labels = inputs.get("shift_labels")
@@ -234,16 +259,12 @@ class LoTTrainer(Trainer):
             return flagged
         if self._lot_model_normalizes_items is None:
             unwrapped = self.accelerator.unwrap_model(model)
-            was_training = unwrapped.training
-            unwrapped.eval()
-            try:
-                with torch.no_grad():
-                    prepared = self._prepare_inputs(dict(inputs))
-                    first = float(super().compute_loss(unwrapped, dict(prepared), num_items_in_batch=num_items_in_batch))
-                    second = float(super().compute_loss(unwrapped, dict(prepared), num_items_in_batch=2 * num_items_in_batch))
-            finally:
-                unwrapped.train(was_training)
-            self._lot_model_normalizes_items = not math.isclose(first, second, rel_tol=1e-4, abs_tol=1e-12)
+            prepared = self._prepare_inputs(dict(inputs))
+
+            def loss_at(count: int) -> torch.Tensor:
+                return super(LoTTrainer, self).compute_loss(unwrapped, dict(prepared), num_items_in_batch=count)
+
+            self._lot_model_normalizes_items = loss_depends_on_item_count(unwrapped, loss_at, num_items_in_batch)
             if not self._lot_model_normalizes_items:
                 logger.info(
                     "%s ignores num_items_in_batch, so each micro-batch loss is a mean that Trainer does not divide "

@@ -48,6 +48,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_lot import LoTTrainer, LoTTrainingArguments, group_parameters_by_layer, unwrap_optimizer
+from hf_lot.trainer import loss_depends_on_item_count
 from hf_lot.results import (
     RESULTS_FILE,
     ContinualResults,
@@ -291,18 +292,9 @@ def model_normalizes_by_items(model: Any, dataset: Any, collator: Any) -> bool:
     batch = collator([dataset[index] for index in range(min(4, len(dataset)))])
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    count = int(batch["labels"].numel())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            first = float(model(**batch, num_items_in_batch=count).loss)
-            second = float(model(**batch, num_items_in_batch=2 * count).loss)
-    except TypeError:
-        return False
-    finally:
-        model.train(was_training)
-    return not abs(first - second) <= 1e-4 * max(abs(first), 1e-12)
+    return loss_depends_on_item_count(
+        model, lambda count: model(**batch, num_items_in_batch=count).loss, int(batch["labels"].numel())
+    )
 
 
 def _train_summary(

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from hf_lot import LoTTrainer, LoTTrainingArguments, unwrap_optimizer
+from hf_lot.trainer import loss_depends_on_item_count
 
 LEARNING_RATE = 1e-2
 NUM_FEATURES = 6
@@ -661,6 +662,34 @@ def test_effective_step_ignores_loss_scaling(tmp_path):
         assert scaled["layers"][name]["normalized_sharpness"] == pytest.approx(
             layer["normalized_sharpness"], rel=2e-2
         ), name
+
+
+@pytest.mark.parametrize(
+    ("build_model", "build_data", "expected"),
+    [(build_bert, build_token_dataset, False), (build_causal_lm, build_lm_dataset, True)],
+    ids=["bert-ignores", "llama-divides"],
+)
+def test_item_count_probe(build_model, build_data, expected):
+    model = build_model()
+    model.train()
+    batch = {name: torch.tensor(values[:4]) for name, values in build_data()[:4].items()}
+
+    normalizes = loss_depends_on_item_count(model, lambda count: model(**batch, num_items_in_batch=count).loss, 7)
+
+    assert normalizes is expected
+    assert model.training
+
+
+def test_item_count_probe_rejected_kwarg():
+    model = build_classifier()
+    features = torch.randn(4, NUM_FEATURES)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    normalizes = loss_depends_on_item_count(
+        model, lambda count: model(features, labels=labels, num_items_in_batch=count)["loss"], 4
+    )
+
+    assert normalizes is False
 
 
 # -- TensorBoard -----------------------------------------------------------------
