@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .collectives import all_reduce
 from .config import LoTConfig
 from .controller import LoTController, layerwise_param_groups
 from .curvature import curvature_context, measure_block_eigenvalues
@@ -77,7 +78,7 @@ def measure_layer_sharpness(
     controller.eigenvectors = [result.eigenvector for result in results]
     sharpness = torch.tensor([result.eigenvalue for result in results], dtype=torch.float64)
     if accelerator.num_processes > 1:
-        sharpness = accelerator.reduce(sharpness.to(accelerator.device), reduction="mean").cpu()
+        sharpness = all_reduce(sharpness.to(accelerator.device), reduction="mean").cpu()
     return sharpness.tolist()
 
 
@@ -91,7 +92,7 @@ def record_step_noise(
     """
     sums = collector.local_sums()
     if accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        sums = all_reduce(sums.to(accelerator.device), reduction="sum").cpu()
     measurement = collector.finish_step(sums, squared_norms)
     if measurement is None:
         return False

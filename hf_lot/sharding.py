@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .collectives import all_reduce
 from .layers import Layer
 from .noise import squared_norm
 
@@ -94,5 +95,5 @@ def sharded_squared_norms(layers: Sequence[Layer], group=None, scale: float = 1.
         # gloo reduces CPU tensors and NCCL only device tensors.
         if device is not None and dist.get_backend(group) != "gloo":
             totals = totals.to(device)
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+        totals = all_reduce(totals, reduction="sum", group=group)
     return totals.cpu().float() / scale**2

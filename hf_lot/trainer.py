@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .callbacks import replace_console_callbacks
+from .collectives import all_reduce
 from .config import LoTConfig
 from .controller import LoTController, _require_adam_state, layer_param_group_indices, layerwise_param_groups
 from .layers import format_layer_table, group_parameters_by_layer
@@ -452,7 +453,7 @@ class LoTTrainer(Trainer):
             return True
         nonfinite = (~torch.isfinite(loss)).float().reshape(1)
         if self.accelerator.num_processes > 1:
-            nonfinite = self.accelerator.reduce(nonfinite.to(self.accelerator.device), reduction="sum")
+            nonfinite = all_reduce(nonfinite.to(self.accelerator.device), reduction="sum")
         return not bool(nonfinite.item() > 0)
 
     def _skip_nonfinite_step(self, squared_norms: torch.Tensor, loss_is_finite: bool) -> None:

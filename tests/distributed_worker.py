@@ -14,6 +14,7 @@ from datasets import Dataset
 from torch import nn
 
 from hf_lot import LoTTrainer, LoTTrainingArguments
+from hf_lot.collectives import all_reduce
 
 
 class TinyClassifier(nn.Module):
@@ -73,6 +74,10 @@ def main() -> None:
         "history": controller.history,
         "factors": controller.factors,
         "learning_rates": controller.learning_rates(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer),
+        "reductions": {
+            reduction: all_reduce(torch.tensor([rank + 1.0, -float(rank)]), reduction).tolist()
+            for reduction in ("sum", "mean", "max", "min")
+        },
     }
     with open(f"{options.output}.rank{rank}.json", "w") as handle:
         json.dump(result, handle)

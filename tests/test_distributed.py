@@ -51,6 +51,17 @@ def test_ddp_runs_on_two_processes(runs):
 
 
 @pytest.mark.slow
+def test_all_reduce_combines_both_ranks(runs):
+    single, rank0, rank1 = runs
+    # Rank r contributes [r + 1, -r].
+    expected = {"sum": [3.0, -1.0], "mean": [1.5, -0.5], "max": [2.0, 0.0], "min": [1.0, -1.0]}
+    assert rank0["reductions"] == expected
+    assert rank1["reductions"] == expected
+    # Without a process group the values come back unchanged.
+    assert single["reductions"] == {reduction: [1.0, 0.0] for reduction in expected}
+
+
+@pytest.mark.slow
 def test_ddp_ranks_end_with_identical_learning_rates(runs):
     _, rank0, rank1 = runs
     assert rank0["learning_rates"] == rank1["learning_rates"]

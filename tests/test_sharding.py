@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from hf_lot import LoTTrainer, LoTTrainingArguments
+from hf_lot.collectives import all_reduce
 from hf_lot.layers import group_parameters_by_layer
 from hf_lot.noise import squared_norms_of_gradients
 from hf_lot.sharding import layer_squared_norms_of_shards, local_shards, sharded_squared_norms
@@ -184,3 +185,8 @@ def test_trainer_accepts_multi_cpu(monkeypatch, tmp_path):
     trainer = LoTTrainer(model=TinyClassifier(), args=args)
 
     assert [layer.name for layer in trainer.lot_layers] == ["linear"]
+
+
+def test_all_reduce_rejects_unknown_reduction():
+    with pytest.raises(ValueError, match="'median'"):
+        all_reduce(torch.ones(2), "median")
