@@ -1,33 +1,37 @@
-"""All-reduce of small statistics tensors, safe to run right before a gloo process group is destroyed.
+"""All-reduce of small statistics tensors that cannot break gloo's teardown.
 
-With the gloo backend, a worker thread of the process group releases each
-collective's tensors after the collective completes. Releasing a tensor that
-Python created needs the GIL. If the main thread is already destroying the
-process group at that moment, it holds the GIL while it joins the worker
-threads, and both wait forever. A script that all-reduces a statistic in its
-last step and then returns (so the DDP reducer and its process group are
-freed) hit this in about 4 runs in 10 on a loaded 2-core machine (torch 2.13).
+With the gloo backend, a worker thread of the process group drops its
+reference to each collective's tensors shortly after the collective completes,
+and for a tensor that Python created that needs the GIL. Two failures follow
+when a script all-reduces in its last step and ends right after (torch 2.13):
 
-`all_reduce` keeps the last few collectives' work handles alive in Python, so
-the worker thread never holds the last reference and never needs the GIL. The
-handles, and with them the tensors, are released later on the main thread.
+- The main thread frees the last reference to the process group (for example
+  with a DDP model) and joins the worker threads while it holds the GIL, so
+  the waiting worker and the main thread block each other forever. A
+  two-process Accelerate loop hung this way in about 4 runs in 10.
+- The interpreter is already shutting down when the worker tries to acquire the GIL,
+  so the process aborts ("terminate called without an active exception").
+
+`all_reduce` returns only after the worker thread has dropped its reference.
+While a C++ object still refers to a Python-created tensor, the tensor holds
+one extra reference to its Python object, so `sys.getrefcount` shows when the
+worker is done.
 """
 
 from __future__ import annotations
 
-import atexit
-from collections import deque
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "release_held_work"]
-
-# Older handles are dropped when newer ones arrive; by then their worker
-# threads have long finished with them.
-_HELD_WORK: deque = deque(maxlen=8)
+__all__ = ["all_reduce"]
 
 _REDUCTIONS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+# Polling stops after this many seconds even if a reference remains.
+_RELEASE_TIMEOUT = 5.0
 
 
 def all_reduce(tensor: torch.Tensor, reduction: str = "sum", group=None) -> torch.Tensor:
@@ -47,18 +51,15 @@ def all_reduce(tensor: torch.Tensor, reduction: str = "sum", group=None) -> torc
     reduced = tensor.clone()
     if not (dist.is_available() and dist.is_initialized()):
         return reduced
-    work = dist.all_reduce(reduced, op=_REDUCTIONS[reduction], group=group, async_op=True)
-    work.wait()
-    _HELD_WORK.append(work)
+
+    python_references = sys.getrefcount(reduced)
+    dist.all_reduce(reduced, op=_REDUCTIONS[reduction], group=group)
+    if dist.get_backend(group) == "gloo":
+        # Sleeping releases the GIL, which the worker thread may need to drop its reference.
+        deadline = time.monotonic() + _RELEASE_TIMEOUT
+        while sys.getrefcount(reduced) > python_references and time.monotonic() < deadline:
+            time.sleep(1e-4)
     if reduction == "mean":
         reduced /= dist.get_world_size(group)
     return reduced
 
-
-@atexit.register
-def release_held_work() -> None:
-    """Release the held work handles now, on the calling thread.
-
-    Runs at interpreter exit, while the interpreter can still free tensors.
-    """
-    _HELD_WORK.clear()
