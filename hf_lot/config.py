@@ -17,7 +17,7 @@ from typing import Any
 from transformers.utils import PushToHubMixin, cached_file
 from transformers.utils import hub as transformers_hub
 
-from .curvature import DEFAULT_FINITE_DIFFERENCE_STEP, HVP_METHODS
+from .curvature import DEFAULT_FINITE_DIFFERENCE_STEP, EIGENSOLVERS, HVP_METHODS
 from .threshold import VOLATILITY_MODES
 
 __all__ = ["LOT_CONFIG_NAME", "LoTConfig", "PRESETS"]
@@ -100,6 +100,13 @@ class LoTConfig(PushToHubMixin):
         DEFAULT_FINITE_DIFFERENCE_STEP,
         "Finite-difference perturbation norm as a fraction of the layer's root-mean-square parameter value.",
     )
+    hvp_solver: str = _option(
+        "power",
+        "Eigensolver for the per-layer sharpness: 'power' (power iteration, as in the paper) or 'lanczos' "
+        "(same number of Hessian-vector products, far more accurate when the two largest eigenvalues are close; "
+        "keeps up to hvp_iterations vectors of the largest layer in memory).",
+        choices=EIGENSOLVERS,
+    )
     noise_every: int = _option(1, "Collect micro-batch noise statistics every this many optimizer steps.")
     noise_fallback: str = _option(
         "split",
@@ -163,6 +170,7 @@ class LoTConfig(PushToHubMixin):
             ("sharpness_scale", SHARPNESS_SCALES),
             ("noise_fallback", NOISE_FALLBACKS),
             ("hvp_method", HVP_METHODS),
+            ("hvp_solver", EIGENSOLVERS),
             ("granularity", GRANULARITIES),
         ):
             if getattr(self, name) not in choices:

@@ -74,6 +74,7 @@ def measure_layer_sharpness(
             generator=generator,
             method=config.hvp_method,
             relative_step=config.hvp_fd_step,
+            solver=config.hvp_solver,
         )
     controller.eigenvectors = [result.eigenvector for result in results]
     sharpness = torch.tensor([result.eigenvalue for result in results], dtype=torch.float64)

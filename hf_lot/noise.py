@@ -44,6 +44,7 @@ __all__ = [
     "NoiseMeasurement",
     "noise_bound",
     "sample_variance",
+    "layer_sums_of_squares",
     "squared_norm",
     "squared_norms_of_gradients",
     "variance_from_micro_batches",
@@ -54,6 +55,28 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """Return ``|tensor|^2`` accumulated in at least fp32 (fp64 stays fp64)."""
     accumulate = torch.promote_types(tensor.dtype, torch.float32)
     return torch.linalg.vector_norm(tensor.detach(), dtype=accumulate).pow(2).float()
+
+
+def layer_sums_of_squares(norms: Sequence[torch.Tensor], layer_indices: Sequence[int], num_layers: int) -> torch.Tensor:
+    """Return, per layer, the sum of the squares of the tensor `norms` that belong to it, in fp32.
+
+    Args:
+        norms: 0-dimensional norms, one per tensor, on any devices.
+        layer_indices: The layer of each norm.
+        num_layers: Length of the result.
+
+    The result is on the device of the first norm (CPU when there are none).
+    One stack, square and scatter-add replace several small operations per
+    tensor, which dominate the cost for models with many small tensors.
+    """
+    if not norms:
+        return torch.zeros(num_layers, dtype=torch.float32)
+    device = norms[0].device
+    if any(norm.device != device for norm in norms):
+        norms = [norm.to(device) for norm in norms]
+    squares = torch.stack(norms).float().square()
+    index = torch.tensor(layer_indices, dtype=torch.long, device=device)
+    return torch.zeros(num_layers, dtype=torch.float32, device=device).index_add_(0, index, squares)
 
 
 def variance_from_micro_batches(
@@ -145,7 +168,10 @@ class MicroBatchNoiseCollector:
         self.layers = list(layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._open = False
-        self._current: torch.Tensor | None = None
+        self._device = None
+        # Norms of the open micro-batch's gradient tensors and their layers, summed when it ends.
+        self._pending_norms: list[torch.Tensor] = []
+        self._pending_layers: list[int] = []
         self._micro_norms: list[torch.Tensor] = []
         self._weights: list[float] = []
         self._num_items: list[float] = []
@@ -156,18 +182,20 @@ class MicroBatchNoiseCollector:
             return
         for index, layer in enumerate(self.layers):
             for parameter in layer.parameters:
-                self._handles.append(parameter.register_hook(self._make_hook(index)))
+                accumulate = torch.promote_types(parameter.dtype, torch.float32)
+                self._handles.append(parameter.register_hook(self._make_hook(index, accumulate)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _make_hook(self, layer_index: int):
+    def _make_hook(self, layer_index: int, accumulate: torch.dtype):
+        # The hook runs once per tensor and micro-batch, so it only takes the norm and defers the rest.
         def hook(grad: torch.Tensor) -> None:
             if self._open:
-                squared = squared_norm(grad)
-                self._current[layer_index] += squared.to(self._current.device)
+                self._pending_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=accumulate))
+                self._pending_layers.append(layer_index)
             return None
 
         return hook
@@ -181,7 +209,9 @@ class MicroBatchNoiseCollector:
         return len(self._micro_norms)
 
     def begin_micro_batch(self, weight: float, num_items: float, gradient_scale: float, device=None) -> None:
-        self._current = torch.zeros(len(self.layers), dtype=torch.float32, device=device)
+        self._device = device
+        self._pending_norms.clear()
+        self._pending_layers.clear()
         self._weights.append(float(weight))
         self._num_items.append(float(num_items))
         self._scales.append(float(gradient_scale))
@@ -190,14 +220,17 @@ class MicroBatchNoiseCollector:
     def end_micro_batch(self) -> None:
         if not self._open:
             return
-        self._micro_norms.append(self._current)
-        self._current = None
+        sums = layer_sums_of_squares(self._pending_norms, self._pending_layers, len(self.layers))
+        self._micro_norms.append(sums.to(self._device) if self._device is not None else sums)
+        self._pending_norms.clear()
+        self._pending_layers.clear()
         self._open = False
 
     def discard_step(self) -> None:
         """Drop everything recorded since the last `finish_step`."""
         self._open = False
-        self._current = None
+        self._pending_norms.clear()
+        self._pending_layers.clear()
         self._micro_norms.clear()
         self._weights.clear()
         self._num_items.clear()
@@ -254,11 +287,11 @@ def squared_norms_of_gradients(layers: Sequence[Layer], scale: float = 1.0) -> t
     The sums stay on the gradients' device until the end, so a GPU run
     synchronizes once per call, not once per tensor.
     """
-    grads = [p.grad for layer in layers for p in layer.parameters if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    result = torch.zeros(len(layers), dtype=torch.float32, device=device)
+    norms, layer_indices = [], []
     for index, layer in enumerate(layers):
         for parameter in layer.parameters:
             if parameter.grad is not None:
-                result[index] += squared_norm(parameter.grad)
-    return result.cpu() / scale**2
+                accumulate = torch.promote_types(parameter.grad.dtype, torch.float32)
+                norms.append(torch.linalg.vector_norm(parameter.grad.detach(), dtype=accumulate))
+                layer_indices.append(index)
+    return layer_sums_of_squares(norms, layer_indices, len(layers)).cpu() / scale**2

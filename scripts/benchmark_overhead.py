@@ -92,6 +92,8 @@ FORTUNE_CATEGORIES = ("science", "computers", "food", "law")
 ARMS = ("plain", "noise", "full")
 SECTIONS = ("overhead", "noise", "lambda", "sweep")
 REFERENCE_ITERATIONS = 100
+# Estimators compared in the lambda section, each warm-started from its own previous eigenvectors.
+LAMBDA_SOLVERS = ("power", "lanczos")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -622,7 +624,7 @@ def measure_noise(model: nn.Module, data: dict[str, torch.Tensor], settings: Set
     }
 
 
-# -- lambda: warm-started power iteration against 100 cold iterations ------------------------
+# -- lambda: warm-started power iteration and Lanczos against 100 cold iterations ----------
 
 
 class _TooManyProducts(Exception):
@@ -691,7 +693,7 @@ def measure_lambda(model: nn.Module, data: dict[str, torch.Tensor], settings: Se
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
     micro = settings.batch_size
     generator = torch.Generator().manual_seed(settings.seed)
-    vectors = [None] * len(layers)
+    vectors = {solver: [None] * len(layers) for solver in LAMBDA_SOLVERS}
 
     records = []
     step = 0
@@ -709,13 +711,15 @@ def measure_lambda(model: nn.Module, data: dict[str, torch.Tensor], settings: Se
 
         with curvature_context(model):
             cold = measurement == 0
-            began = time.perf_counter()
-            warm = measure_block_eigenvalues(
-                model, lambda: model(**batch).loss, parameters, vectors,
-                max_iterations=config.hvp_cold_iterations if cold else config.hvp_iterations,
-                tolerance=config.hvp_tolerance, generator=generator, method="double_backward",
-            )
-            warm_seconds = time.perf_counter() - began
+            estimates, seconds = {}, {}
+            for solver in LAMBDA_SOLVERS:
+                began = time.perf_counter()
+                estimates[solver] = measure_block_eigenvalues(
+                    model, lambda: model(**batch).loss, parameters, vectors[solver],
+                    max_iterations=config.hvp_cold_iterations if cold else config.hvp_iterations,
+                    tolerance=config.hvp_tolerance, generator=generator, method="double_backward", solver=solver,
+                )
+                seconds[solver] = time.perf_counter() - began
             began = time.perf_counter()
             reference = top_block_eigenvalues(
                 model(**batch).loss, parameters, [None] * len(layers), max_iterations=REFERENCE_ITERATIONS,
@@ -725,55 +729,66 @@ def measure_lambda(model: nn.Module, data: dict[str, torch.Tensor], settings: Se
             converged = [None] * len(layers)
             if settings.arpack_products > 0:
                 converged = arpack_eigenvalues(model(**batch).loss, parameters, settings.arpack_products)
-        vectors = [result.eigenvector for result in warm]
+        vectors = {solver: [result.eigenvector for result in estimates[solver]] for solver in LAMBDA_SOLVERS}
 
-        errors = [
-            abs(w.eigenvalue - r.eigenvalue) / abs(r.eigenvalue) if r.eigenvalue != 0 else 0.0
-            for w, r in zip(warm, reference)
-        ]
-        records.append({
+        record = {
             "measurement": measurement,
             "cold_start": cold,
-            "lambda": [w.eigenvalue for w in warm],
             "lambda_reference": [r.eigenvalue for r in reference],
-            "relative_error": errors,
-            "hvps": sum(w.iterations for w in warm),
             "hvps_reference": sum(r.iterations for r in reference),
             "reference_converged": [r.converged for r in reference],
             "arpack": converged,
-            "relative_error_to_arpack": [
-                None if c is None else abs(w.eigenvalue - c["lambda_1"]) / abs(c["lambda_1"]) for w, c in zip(warm, converged)
-            ],
             "reference_relative_error_to_arpack": [
                 None if c is None else abs(r.eigenvalue - c["lambda_1"]) / abs(c["lambda_1"])
                 for r, c in zip(reference, converged)
             ],
-            "seconds": warm_seconds,
             "seconds_reference": reference_seconds,
-        })
+        }
+        for solver in LAMBDA_SOLVERS:
+            suffix = "" if solver == "power" else f"_{solver}"
+            estimate = estimates[solver]
+            record[f"lambda{suffix}"] = [e.eigenvalue for e in estimate]
+            record[f"relative_error{suffix}"] = [
+                abs(e.eigenvalue - r.eigenvalue) / abs(r.eigenvalue) if r.eigenvalue != 0 else 0.0
+                for e, r in zip(estimate, reference)
+            ]
+            record[f"relative_error_to_arpack{suffix}"] = [
+                None if c is None else abs(e.eigenvalue - c["lambda_1"]) / abs(c["lambda_1"])
+                for e, c in zip(estimate, converged)
+            ]
+            record[f"hvps{suffix}"] = sum(e.iterations for e in estimate)
+            record[f"seconds{suffix}"] = seconds[solver]
+        records.append(record)
 
     warm_records = [record for record in records if not record["cold_start"]] or records
-    all_errors = [error for record in warm_records for error in record["relative_error"]]
-    hvps = sum(record["hvps"] for record in warm_records)
-    hvps_reference = sum(record["hvps_reference"] for record in warm_records)
 
     def mean_or_none(values):
         values = [value for value in values if value is not None]
         return statistics.fmean(values) if values else None
 
-    return {
+    summary = {
         "layers": [layer.name for layer in layers],
         "measurements": records,
-        "warm_mean_relative_error": statistics.fmean(all_errors),
-        "warm_max_relative_error": max(all_errors),
-        "warm_hvp_ratio": hvps_reference / max(hvps, 1),
-        "warm_time_ratio": sum(r["seconds_reference"] for r in warm_records) / sum(r["seconds"] for r in warm_records),
-        "warm_mean_error_to_arpack": mean_or_none(e for r in warm_records for e in r["relative_error_to_arpack"]),
         "reference_mean_error_to_arpack": mean_or_none(
             e for r in warm_records for e in r["reference_relative_error_to_arpack"]
         ),
         "mean_gap_ratio": mean_or_none(c and c["gap_ratio"] for r in warm_records for c in r["arpack"]),
     }
+    reference_hvps = sum(record["hvps_reference"] for record in warm_records)
+    reference_seconds = sum(record["seconds_reference"] for record in warm_records)
+    for solver in LAMBDA_SOLVERS:
+        # The power iteration keys keep their names from before Lanczos was added.
+        suffix = "" if solver == "power" else f"_{solver}"
+        prefix = "" if solver == "power" else f"{solver}_"
+        errors = [error for record in warm_records for error in record[f"relative_error{suffix}"]]
+        summary[f"{prefix}warm_mean_relative_error"] = statistics.fmean(errors)
+        summary[f"{prefix}warm_max_relative_error"] = max(errors)
+        summary[f"{prefix}warm_hvp_ratio"] = reference_hvps / max(sum(r[f"hvps{suffix}"] for r in warm_records), 1)
+        summary[f"{prefix}warm_time_ratio"] = reference_seconds / sum(r[f"seconds{suffix}"] for r in warm_records)
+        summary[f"{prefix}warm_mean_error_to_arpack"] = mean_or_none(
+            e for r in warm_records for e in r[f"relative_error_to_arpack{suffix}"]
+        )
+    return summary
 
 
 # -- driver ------------------------------------------------------------------------
@@ -844,16 +859,15 @@ def run(settings: Settings) -> dict[str, Any]:
                 entry["overhead"] = measure_overhead(model, dataset, settings, output_dir)
                 print(OVERHEAD_HEADER)
                 print(format_overhead_row(name, entry["overhead"]), flush=True)
-            if "noise" not in settings.sections:
-                continue
-            entry["noise"] = measure_noise(model, data, settings)
-            noise = entry["noise"]
-            print(
-                f"sigma2: per-step error {noise['mean_per_step_relative_error']:.3f}, averaged over "
-                f"{noise['steps']} steps {noise['mean_averaged_relative_error']:.3f} (max layer "
-                f"{noise['max_averaged_relative_error']:.3f}), cost ratio {noise['cost_ratio']:.1f}x",
-                flush=True,
-            )
+            if "noise" in settings.sections:
+                entry["noise"] = measure_noise(model, data, settings)
+                noise = entry["noise"]
+                print(
+                    f"sigma2: per-step error {noise['mean_per_step_relative_error']:.3f}, averaged over "
+                    f"{noise['steps']} steps {noise['mean_averaged_relative_error']:.3f} (max layer "
+                    f"{noise['max_averaged_relative_error']:.3f}), cost ratio {noise['cost_ratio']:.1f}x",
+                    flush=True,
+                )
             if "lambda" not in settings.sections:
                 continue
             entry["lambda"] = measure_lambda(model, data, settings)
@@ -863,6 +877,13 @@ def run(settings: Settings) -> dict[str, Any]:
                 f"{curvature['warm_max_relative_error']:.4f}, HVP ratio {curvature['warm_hvp_ratio']:.1f}x; "
                 f"against ARPACK: warm {curvature['warm_mean_error_to_arpack']}, 100 cold "
                 f"{curvature['reference_mean_error_to_arpack']}, mean |lambda_2/lambda_1| {curvature['mean_gap_ratio']}",
+                flush=True,
+            )
+            print(
+                f"lambda, Lanczos: warm mean error {curvature['lanczos_warm_mean_relative_error']:.4f}, max "
+                f"{curvature['lanczos_warm_max_relative_error']:.4f}, HVP ratio "
+                f"{curvature['lanczos_warm_hvp_ratio']:.1f}x; against ARPACK "
+                f"{curvature['lanczos_warm_mean_error_to_arpack']}",
                 flush=True,
             )
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_lot import LoTConfig
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_overhead.py"
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
@@ -101,6 +103,18 @@ def test_smoke_lambda_comparison(smoke):
         assert record["hvps_reference"] <= 100 * len(curvature["layers"])
     assert math.isfinite(curvature["warm_mean_relative_error"])
     assert is_finite_positive(curvature["warm_hvp_ratio"])
+
+
+def test_smoke_lambda_compares_lanczos(smoke):
+    curvature = smoke["models"]["tiny-bert"]["lambda"]
+    config = LoTConfig()
+    for record in curvature["measurements"]:
+        assert len(record["lambda_lanczos"]) == len(curvature["layers"])
+        # Lanczos gets the same product budget per layer as power iteration.
+        budget = config.hvp_cold_iterations if record["cold_start"] else config.hvp_iterations
+        assert record["hvps_lanczos"] <= budget * len(curvature["layers"])
+    assert math.isfinite(curvature["lanczos_warm_mean_relative_error"])
+    assert is_finite_positive(curvature["lanczos_warm_hvp_ratio"])
 
 
 def test_smoke_sweep(smoke):

@@ -16,6 +16,7 @@ from torch import nn
 from hf_lot.layers import group_parameters_by_layer
 from hf_lot.noise import (
     MicroBatchNoiseCollector,
+    layer_sums_of_squares,
     noise_bound,
     sample_variance,
     squared_norms_of_gradients,
@@ -560,3 +561,18 @@ def test_estimator_unequal_batches_unbiased(variable_length_setup):
     for layer_index in range(len(per_token)):
         assert float(standard_error[layer_index]) < UNBIASED_RTOL / 4 * float(expected[layer_index])
         assert float(mean[layer_index]) == pytest.approx(float(expected[layer_index]), rel=UNBIASED_RTOL)
+
+
+def test_layer_sums_of_squares_groups_by_layer():
+    norms = [torch.tensor(3.0), torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0), torch.tensor(4.0)]
+
+    sums = layer_sums_of_squares(norms, [2, 0, 2, 0], num_layers=4)
+
+    assert sums.dtype == torch.float32
+    assert sums.tolist() == [17.0, 0.0, 13.0, 0.0]
+
+
+def test_layer_sums_of_squares_without_norms():
+    sums = layer_sums_of_squares([], [], num_layers=3)
+
+    assert sums.tolist() == [0.0, 0.0, 0.0]
