@@ -81,11 +81,19 @@ def _to_lot_config(self) -> LoTConfig:
     return LoTConfig.from_dict(values)
 
 
+def _post_init(self) -> None:
+    TrainingArguments.__post_init__(self)
+    # Invalid lot_* values fail here, when the flags are parsed, not later when the trainer is built.
+    # A saved config (lot_config) may be a Hub id, so it is only read by to_lot_config().
+    if self.lot_config is None:
+        self.to_lot_config()
+
+
 LoTTrainingArguments = dataclasses.make_dataclass(
     "LoTTrainingArguments",
     _lot_fields(),
     bases=(TrainingArguments,),
-    namespace={"to_lot_config": _to_lot_config},
+    namespace={"to_lot_config": _to_lot_config, "__post_init__": _post_init},
 )
 LoTTrainingArguments.__module__ = __name__
 LoTTrainingArguments.__doc__ = (

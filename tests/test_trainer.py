@@ -15,6 +15,7 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -731,3 +732,24 @@ def test_recorded_lr_is_rate_after_action(tmp_path):
     for layer in ("hidden", "output"):
         assert last["layers"][layer]["action"] == "cool"
         assert last["layers"][layer]["lr"] == pytest.approx(rates[layer], rel=1e-12)
+
+
+def test_parser_rejects_invalid_lot_flag(tmp_path):
+    parser = HfArgumentParser(LoTTrainingArguments)
+    flags = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "true"]
+
+    with pytest.raises(ValueError, match="interval=0"):
+        parser.parse_args_into_dataclasses(flags + ["--lot_interval", "0"])
+    with pytest.raises(ValueError, match="curvature"):
+        parser.parse_args_into_dataclasses(flags + ["--lot_curvature", "false"])
+
+
+def test_parser_accepts_lot_flags(tmp_path):
+    parser = HfArgumentParser(LoTTrainingArguments)
+    flags = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "true"]
+
+    (args,) = parser.parse_args_into_dataclasses(flags + ["--lot_interval", "7", "--lot_hvp_solver", "lanczos"])
+
+    config = args.to_lot_config()
+    assert config.interval == 7
+    assert config.hvp_solver == "lanczos"
