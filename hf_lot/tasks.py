@@ -739,6 +739,13 @@ def load_task_data(spec: TaskSpec, seed: int = 0, task_index: int = 0) -> TaskDa
                 f"Task {spec.name!r}: the {split_name} split is empty after splitting and subsampling. "
                 "Use more data, a larger eval_fraction or larger max_*_examples."
             )
+    present = sorted(set(train["label"]))
+    if len(present) < 2:
+        raise ConfigError(
+            f"Task {spec.name!r}: the {len(train)} train example(s) left by max_train_examples="
+            f"{spec.max_train_examples} all have class {present[0]}, so there is nothing to classify. "
+            "Raise max_train_examples."
+        )
     return TaskData(spec=spec, train=train, eval=eval_dataset, num_classes=num_classes, class_names=class_names)
 
 

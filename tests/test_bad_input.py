@@ -143,6 +143,11 @@ BAD_INPUTS = [
     ),
     BadInput("task with one class", [files_source("one_class.csv")], ["all 4 train examples have class 0", "at least two classes"]),
     BadInput(
+        "subsample leaves one class",
+        ["tasks.0.max_train_examples=1"],
+        ["1 train example(s) left by max_train_examples=1", "Raise max_train_examples"],
+    ),
+    BadInput(
         "label mapping merges classes",
         ["tasks.0.label_mapping={science: 0, food: 0}"],
         ["all 80 train examples have class 0", "check label_column and label_mapping"],
