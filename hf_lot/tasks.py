@@ -660,6 +660,18 @@ def _label_encoding(spec: TaskSpec, train: Any, eval_dataset: Any | None) -> tup
         values += list(eval_dataset[spec.label_column])
     if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
         num_classes = max(values) + 1 if values else 0
+        unused = sorted(set(range(num_classes)) - set(values))
+        if unused:
+            logger.warning(
+                "Task %r: integer labels run up to %d, but class id(s) %s never occur, so the head counts %d "
+                "classes for %d label values. Set label_mapping to number the labels 0 to %d.",
+                spec.name,
+                num_classes - 1,
+                ", ".join(map(str, unused[:10])),
+                num_classes,
+                num_classes - len(unused),
+                num_classes - len(unused) - 1,
+            )
         return None, num_classes, [str(class_id) for class_id in range(num_classes)]
 
     unique = sorted({str(value) for value in train[spec.label_column]})

@@ -1,6 +1,7 @@
 """Tests of task specs, the fortunes source, data validation and experiment configs."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -248,14 +249,15 @@ def test_empty_file_is_rejected(tmp_path):
 
 def test_max_train_examples_subsamples(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text("text,label\na,0\nb,1\n")
+    # 4 train examples, 2 per class: any 3 of them still hold both classes.
+    path.write_text("text,label\na,0\nb,1\nc,0\nd,1\ne,0\nf,1\ng,0\nh,1\n")
     spec = TaskSpec.from_dict(
         {"name": "small", "source": {"files": {"train": str(path)}, "format": "csv"}, "eval_fraction": 0.5,
-         "max_train_examples": 1}
+         "max_train_examples": 3}
     )
     data = load_task_data(spec)
-    assert len(data.train) == 1
-    assert len(data.eval) == 1
+    assert len(data.train) == 3
+    assert len(data.eval) == 4
 
 
 def test_labels_outside_num_labels_are_rejected(fortunes_dir):
@@ -272,6 +274,19 @@ def test_negative_integer_label_is_rejected(tmp_path):
     spec = TaskSpec.from_dict({"name": "neg", "source": {"files": {"train": str(path)}, "format": "csv"}})
     with pytest.raises(ConfigError, match="label -1 in the train split is negative"):
         prepare_tasks([spec])
+
+
+def test_integer_labels_with_gaps_warn(tmp_path, caplog):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\na,0\nb,7\nc,0\nd,1\ne,1\nf,7\n")
+    spec = TaskSpec.from_dict({"name": "gaps", "source": {"files": {"train": str(path)}, "format": "csv"}})
+
+    with caplog.at_level(logging.WARNING, logger="hf_lot.tasks"):
+        tasks, num_labels = prepare_tasks([spec])
+
+    assert num_labels == 8
+    assert "class id(s) 2, 3, 4, 5, 6 never occur" in caplog.text
+    assert "Set label_mapping" in caplog.text
 
 
 def test_num_labels_is_max_over_tasks(fortunes_dir):
