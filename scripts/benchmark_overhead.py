@@ -115,6 +115,7 @@ class Settings:
     lambda_measurements: int = 3
     lambda_interval: int = 10
     lambda_layers: str = "all"
+    lambda_iterations: int | None = None
     sweep_layers: list[int] = field(default_factory=lambda: [2, 4, 8])
     sweep_hidden: list[int] = field(default_factory=lambda: [64, 128, 256])
     sweep_intervals: int = 1
@@ -141,6 +142,10 @@ def parse_arguments(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--lambda-layers", help="'all', or comma-separated layer indices measured in the lambda section (default all)."
     )
+    parser.add_argument(
+        "--lambda-iterations", type=int,
+        help="Maximum products per layer of a warm-started measurement in the lambda section (default: hvp_iterations, 5).",
+    )
     parser.add_argument("--sweep-layers", help="Comma-separated BERT depths for the sweep (default 2,4,8; '' skips).")
     parser.add_argument("--sweep-hidden", help="Comma-separated BERT widths for the sweep (default 64,128,256).")
     parser.add_argument(
@@ -165,7 +170,7 @@ def parse_arguments(argv: list[str] | None) -> Settings:
             arpack_products=60,
         )
     for name in ("batch_size", "accumulation", "seq_len", "block", "intervals", "noise_steps",
-                 "lambda_measurements", "lambda_interval", "lambda_layers", "arpack_products"):
+                 "lambda_measurements", "lambda_interval", "lambda_layers", "lambda_iterations", "arpack_products"):
         value = getattr(arguments, name)
         if value is not None:
             setattr(settings, name, value)
@@ -192,6 +197,8 @@ def parse_arguments(argv: list[str] | None) -> Settings:
         parser.error(f"--block {settings.block} must be at least 2: the first step of every block is not timed.")
     if settings.lambda_interval < 1 or settings.noise_steps < 1 or settings.lambda_measurements < 1:
         parser.error("--lambda-interval, --noise-steps and --lambda-measurements must be at least 1.")
+    if settings.lambda_iterations is not None and settings.lambda_iterations < 1:
+        parser.error(f"--lambda-iterations {settings.lambda_iterations} must be at least 1.")
     if settings.interval % settings.block:
         parser.error(f"--block {settings.block} must divide the LoT interval {settings.interval}.")
     settings.output = arguments.output
@@ -687,6 +694,8 @@ def measure_lambda(model: nn.Module, data: dict[str, torch.Tensor], settings: Se
     model = copy.deepcopy(model).to(DEVICE)
     data = {key: value.to(DEVICE) for key, value in data.items()}
     config = LoTConfig()
+    if settings.lambda_iterations is not None:
+        config.hvp_iterations = settings.lambda_iterations
     layers = group_parameters_by_layer(model)
     if settings.lambda_layers != "all":
         layers = [layers[int(index)] for index in settings.lambda_layers.split(",")]
