@@ -20,7 +20,7 @@ from transformers.utils import hub as transformers_hub
 from .curvature import DEFAULT_FINITE_DIFFERENCE_STEP, EIGENSOLVERS, HVP_METHODS
 from .threshold import VOLATILITY_MODES
 
-__all__ = ["LOT_CONFIG_NAME", "LoTConfig", "PRESETS"]
+__all__ = ["LOT_CONFIG_NAME", "InvalidLoTOptionError", "LoTConfig", "PRESETS"]
 
 LOT_CONFIG_NAME = "lot_config.json"
 
@@ -29,6 +29,10 @@ BOUNDS = ("combined", "noise", "volatility")
 SHARPNESS_SCALES = ("layer", "global")
 NOISE_FALLBACKS = ("split", "none")
 GRANULARITIES = ("layer", "global")
+
+
+class InvalidLoTOptionError(ValueError):
+    """Error for a LoT option with an invalid value, or options that contradict each other."""
 
 
 def _option(default: Any, help: str, **kwargs) -> Any:
@@ -130,7 +134,7 @@ class LoTConfig(PushToHubMixin):
         if not isinstance(self.layer_rules, (list, tuple)) or not all(
             isinstance(rule, (list, tuple)) for rule in self.layer_rules
         ):
-            raise ValueError(
+            raise InvalidLoTOptionError(
                 f"Invalid LoT option layer_rules={self.layer_rules!r}: expected a list of [regex, layer_name] pairs, "
                 "for example [['encoder\\.layer\\.(\\d+)\\.', 'block.\\1']]."
             )
@@ -141,7 +145,7 @@ class LoTConfig(PushToHubMixin):
         """Raise ValueError naming the first invalid option and its fix."""
 
         def fail(name: str, value: Any, requirement: str) -> None:
-            raise ValueError(f"Invalid LoT option {name}={value!r}: {requirement}.")
+            raise InvalidLoTOptionError(f"Invalid LoT option {name}={value!r}: {requirement}.")
 
         for name in ("interval", "window", "hvp_iterations", "hvp_cold_iterations", "noise_every"):
             value = getattr(self, name)

@@ -48,6 +48,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_lot import LoTTrainer, LoTTrainingArguments, group_parameters_by_layer, unwrap_optimizer
+from hf_lot.config import InvalidLoTOptionError
 from hf_lot.trainer import loss_depends_on_item_count
 from hf_lot.results import (
     RESULTS_FILE,
@@ -264,6 +265,8 @@ def build_training_arguments(config: ExperimentConfig, spec: TaskSpec, task_inde
     values["seed"] = config.run["seed"] + task_index
     try:
         return arguments_class(**values)
+    except InvalidLoTOptionError as error:
+        raise ConfigError(f"{error} Fix the option in the lot section.") from error
     except (TypeError, ValueError) as error:
         raise ConfigError(f"Invalid training arguments for task {spec.name!r}: {error}") from error
 
