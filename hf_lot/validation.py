@@ -121,6 +121,57 @@ def _check_interval(config: ExperimentConfig, lot_config: Any) -> None:
         )
 
 
+def check_learning_rate(arguments: Any) -> None:
+    """Check that ``training.learning_rate`` is a finite positive number (an empty value reads as None)."""
+    value = arguments.learning_rate
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(
+            f"training.learning_rate={value!r}: expected a finite positive number. Set it, for example "
+            "training.learning_rate=1e-4, or remove it to use the default."
+        )
+
+
+def check_sharded_engine(config: ExperimentConfig) -> None:
+    """Reject FSDP and DeepSpeed settings that would only fail once training starts.
+
+    The threshold supports neither engine (`LoTTrainer` raises for both).
+    Without it, DeepSpeed needs its package, whose absence `TrainingArguments`
+    reports with a bare traceback. Runs on the config alone, before the
+    training arguments are built.
+    """
+    import importlib.util
+
+    fsdp = config.training.get("fsdp")
+    deepspeed = config.training.get("deepspeed")
+    alternative = "Train with DDP (accelerate launch --multi_gpu) or one process"
+    if config.run["threshold"]:
+        if fsdp:
+            raise ConfigError(
+                f"training.fsdp={fsdp!r}: the LoT threshold does not support FSDP, because its noise statistics "
+                f"read every micro-batch's full per-layer gradient. {alternative}, or set run.threshold: false."
+            )
+        if deepspeed:
+            raise ConfigError(
+                f"training.deepspeed={deepspeed!r}: the LoT threshold does not support DeepSpeed, because ZeRO "
+                f"partitions Adam's second moment across ranks. {alternative}, or set run.threshold: false."
+            )
+    elif deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"training.deepspeed={deepspeed!r}: the deepspeed package is not installed. Install it "
+            "(pip install deepspeed), or remove training.deepspeed."
+        )
+
+
+def check_fsdp_processes(config: ExperimentConfig, arguments: Any) -> None:
+    """Reject FSDP on a single process, which `Trainer` only reports after the results folder is written."""
+    fsdp = config.training.get("fsdp")
+    if fsdp and getattr(arguments, "fsdp", None) and arguments.world_size < 2:
+        raise ConfigError(
+            f"training.fsdp={fsdp!r}: FSDP needs several processes, and this run has one. Launch with "
+            "accelerate launch --num_processes N (N of at least 2), or remove training.fsdp."
+        )
+
+
 def check_optimizer(arguments: Any) -> None:
     """Check that ``training.optim`` builds an optimizer with Adam moments, as the LoT threshold needs.
 
@@ -299,6 +350,8 @@ def check_run_inputs(config: ExperimentConfig, task_arguments: list[Any], resolv
     """
     check_output_dir(config.run["output_dir"])
     first = task_arguments[0]
+    check_learning_rate(first)
+    check_fsdp_processes(config, first)
     if config.run["threshold"]:
         lot_config = check_lot_config(first)
         _check_noise_source(lot_config, first)

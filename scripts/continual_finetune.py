@@ -87,7 +87,7 @@ from hf_lot.tasks import (
     tokenize_task_data,
 )
 from hf_lot.report import write_report
-from hf_lot.validation import check_classification_head, check_run_inputs
+from hf_lot.validation import check_classification_head, check_run_inputs, check_sharded_engine
 
 logger = logging.get_logger("continual_finetune")
 
@@ -338,6 +338,7 @@ def run(config: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     trainer_class, arguments_class = resolve_trainer_classes(threshold)
 
     # Build every task's arguments first, so a bad value fails before any training.
+    check_sharded_engine(config)
     task_arguments = [
         build_training_arguments(config, spec, index, arguments_class) for index, spec in enumerate(config.tasks)
     ]

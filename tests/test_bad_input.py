@@ -114,6 +114,26 @@ BAD_INPUTS = [
         ["lot.interval=6", "the longest task has only 4", "at most 4"],
     ),
     BadInput("lot option set twice", ["training.lot_interval=3"], ["interval are set both in lot and as training.lot_*", "Keep one"]),
+    BadInput(
+        "fsdp with threshold",
+        ["training.fsdp=full_shard"],
+        ["training.fsdp='full_shard'", "does not support FSDP", "accelerate launch --multi_gpu", "run.threshold: false"],
+    ),
+    BadInput(
+        "fsdp on one process",
+        ["training.fsdp=full_shard", "run.threshold=false"],
+        ["training.fsdp='full_shard'", "FSDP needs several processes", "--num_processes N"],
+    ),
+    BadInput(
+        "deepspeed with threshold",
+        ["training.deepspeed={zero_optimization: {stage: 2}}"],
+        ["training.deepspeed=", "does not support DeepSpeed", "run.threshold: false"],
+    ),
+    BadInput(
+        "empty learning rate",
+        ["training.learning_rate=null"],
+        ["training.learning_rate=None", "expected a finite positive number", "training.learning_rate=1e-4"],
+    ),
     BadInput("optimizer without adam moments", ["training.optim=sgd"], ["training.optim='sgd'", "SGD keeps no Adam moments", "adamw_torch"]),
     BadInput("adafactor optimizer", ["training.optim=adafactor"], ["training.optim='adafactor'", "Adafactor keeps no Adam moments", "run.threshold: false"]),
     # -- missing files
