@@ -1,9 +1,10 @@
 """All-reduce of small statistics tensors that cannot break gloo's teardown.
 
 With the gloo backend, a worker thread of the process group drops its
-reference to each collective's tensors shortly after the collective completes,
-and for a tensor that Python created that needs the GIL. Two failures follow
-when a script all-reduces in its last step and ends right after (torch 2.13):
+reference to each collective's tensors shortly after the collective completes.
+For a tensor that Python created, dropping that reference needs the GIL. Two
+failures follow when a script all-reduces in its last step and ends right
+after (torch 2.13):
 
 - The main thread frees the last reference to the process group (for example
   with a DDP model) and joins the worker threads while it holds the GIL, so
@@ -47,7 +48,7 @@ def all_reduce(tensor: torch.Tensor, reduction: str = "sum", group=None) -> torc
     Every process of `group` must call this with a tensor of the same shape.
     """
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}.")
+        raise ValueError(f"Invalid reduction {reduction!r}: expected one of {', '.join(sorted(_REDUCTIONS))}.")
     reduced = tensor.clone()
     if not (dist.is_available() and dist.is_initialized()):
         return reduced

@@ -177,9 +177,9 @@ def lanczos(
         # Two passes of Gram-Schmidt against the whole basis keep it orthonormal in floating point.
         for _ in range(2):
             for vector in basis:
-                coefficient = _dot(vector, product)
+                coefficient = float(_dot(vector, product))
                 for p, v in zip(product, vector):
-                    p.sub_(v, alpha=float(coefficient))
+                    p.sub_(v, alpha=coefficient)
         norm = float(_dot(product, product).sqrt())
 
         tridiagonal = torch.diag(torch.tensor(diagonal, dtype=torch.float64))

@@ -110,7 +110,22 @@ def _named_trainable(parameters: Iterable[nn.Parameter] | nn.Module) -> list[nn.
     return [p for p in parameters if p.requires_grad]
 
 
-class WassersteinRegularizer(nn.Module):
+class _ReferenceRegularizer(nn.Module):
+    """Base of the penalties that compare parameters with a stored reference taken at construction."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter] | nn.Module, strength: float = 1e-3):
+        super().__init__()
+        if not strength >= 0:
+            raise ValueError(f"Invalid strength={strength!r}: expected a non-negative number.")
+        self.strength = float(strength)
+        self.tracked = _named_trainable(parameters)
+        self.reset_reference()
+
+    def reset_reference(self) -> None:
+        raise NotImplementedError
+
+
+class WassersteinRegularizer(_ReferenceRegularizer):
     """Penalty ``strength * sum_k |sort(theta_k) - sort(theta_k_0)|^2`` over parameter tensors ``theta_k``.
 
     For two tensors with the same number of values, the squared distance
@@ -127,14 +142,6 @@ class WassersteinRegularizer(nn.Module):
         strength: The coefficient ``lambda`` (1e-3 in the random-label MNIST
             experiments).
     """
-
-    def __init__(self, parameters: Iterable[nn.Parameter] | nn.Module, strength: float = 1e-3):
-        super().__init__()
-        if not strength >= 0:
-            raise ValueError(f"Invalid strength={strength!r}: expected a non-negative number.")
-        self.strength = float(strength)
-        self.tracked = _named_trainable(parameters)
-        self.reset_reference()
 
     @torch.no_grad()
     def reset_reference(self) -> None:
@@ -176,21 +183,13 @@ class WassersteinRegularizer(nn.Module):
         return self.strength * total
 
 
-class L2InitRegularizer(nn.Module):
+class L2InitRegularizer(_ReferenceRegularizer):
     """Penalty ``strength * sum_k |theta_k - theta_k_0|^2``: squared distance to the initial parameters.
 
     Args:
         parameters: A module or its parameters, in their initial state.
         strength: The coefficient of the penalty.
     """
-
-    def __init__(self, parameters: Iterable[nn.Parameter] | nn.Module, strength: float = 1e-3):
-        super().__init__()
-        if not strength >= 0:
-            raise ValueError(f"Invalid strength={strength!r}: expected a non-negative number.")
-        self.strength = float(strength)
-        self.tracked = _named_trainable(parameters)
-        self.reset_reference()
 
     @torch.no_grad()
     def reset_reference(self) -> None:
